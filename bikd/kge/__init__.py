@@ -1,0 +1,1 @@
+"""KG-embedding models and their training math (pure torch)."""
