@@ -14,6 +14,7 @@ whole row and the counts of the few filtered entries (gathered through a CSR ind
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Literal, Protocol, Sequence
 
@@ -23,6 +24,10 @@ Side = Literal["head", "tail"]
 
 
 class LinkPredictor(Protocol):
+    """What the evaluator needs of a model. A model may also offer ``ranking_scores_t``/``ranking_scores_h``:
+    any transform of ``score_t``/``score_h`` that is strictly increasing within each row (e.g. TransE-L2
+    without the sqrt and the per-query constant); the evaluator prefers them, since ranks only need order."""
+
     num_entities: int
 
     def score_t(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -34,9 +39,12 @@ class LinkPredictor(Protocol):
 
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
-    batch_size: int = 512
+    batch_size: int = 128
     sides: tuple[str, ...] = ("head", "tail")
     ks: tuple[int, ...] = (1, 3, 10)
+    #: fuse the rank counting with torch.compile: "auto" does so for evaluations of at least 1e8 scores,
+    #: where the one-off compilation (~20 s cold, ~1 s from inductor's disk cache) pays for itself
+    compile: str = "auto"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -45,22 +53,25 @@ class EvalConfig:
             raise ValueError(f"eval.sides must be a non-empty subset of ('head', 'tail'), got {self.sides}")
         if any(k < 1 for k in self.ks):
             raise ValueError(f"eval.ks must be positive, got {self.ks}")
+        if self.compile not in ("auto", "always", "never"):
+            raise ValueError(f"eval.compile must be 'auto', 'always' or 'never', got {self.compile!r}")
 
 
 class FilterIndex:
     """CSR index of known answers: for side 'tail', key (h, r) -> all t; for side 'head', key (r, t) -> all h."""
 
     def __init__(self, triples: torch.Tensor, num_entities: int, num_relations: int, side: Side):
-        triples = torch.unique(triples.long(), dim=0)
+        triples = triples.long()
         if side == "tail":
             keys, answers = triples[:, 0] * num_relations + triples[:, 1], triples[:, 2]
         else:
             keys, answers = triples[:, 2] * num_relations + triples[:, 1], triples[:, 0]
-        order = torch.argsort(keys, stable=True)
-        self.keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
+        # one sorted int64 code per (key, answer) both deduplicates and groups answers by key
+        codes = torch.unique(keys * num_entities + answers)
+        self.keys, counts = torch.unique_consecutive(codes // num_entities, return_counts=True)
         self.offsets = torch.zeros(len(self.keys) + 1, dtype=torch.long)
         self.offsets[1:] = torch.cumsum(counts, 0)
-        self.answers = answers[order]
+        self.answers = codes % num_entities
         self.num_relations = num_relations
 
     def gather(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +84,18 @@ class FilterIndex:
         # position of each entry inside its row's slice: global index minus the row's first index
         within = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
         return rows, self.answers[start[rows] + within]
+
+
+def _counts(scores: torch.Tensor, true_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, E), (B, 1) -> #greater, #not-smaller per row, each (B,)."""
+    return (scores > true_score).sum(1), (scores >= true_score).sum(1)
+
+
+@functools.cache
+def _compiled_counts():
+    # Eager torch makes two passes over the (B, E) block; inductor fuses both counts into one, which is
+    # about a third of a full filtered evaluation on CPU. Compiled once per process (cached on disk).
+    return torch.compile(_counts, dynamic=True)
 
 
 @dataclass(frozen=True)
@@ -89,20 +112,22 @@ class Ranks:
 
 @torch.no_grad()
 def rank_side(
-    model: LinkPredictor, triples: torch.Tensor, side: Side, index: FilterIndex, batch_size: int
+    model: LinkPredictor, triples: torch.Tensor, side: Side, index: FilterIndex, batch_size: int, compile: bool = False
 ) -> Ranks:
     """Filtered optimistic/pessimistic ranks of the true ``side`` entity of each triple."""
+    count = _compiled_counts() if compile else _counts
+    score_t = getattr(model, "ranking_scores_t", model.score_t)
+    score_h = getattr(model, "ranking_scores_h", model.score_h)
     opt, pes = [], []
     for start in range(0, len(triples), batch_size):
         h, r, t = triples[start : start + batch_size].long().unbind(1)
         if side == "tail":
-            scores, true, keys = model.score_t(h, r), t, h * index.num_relations + r
+            scores, true, keys = score_t(h, r), t, h * index.num_relations + r
         else:
-            scores, true, keys = model.score_h(r, t), h, t * index.num_relations + r
+            scores, true, keys = score_h(r, t), h, t * index.num_relations + r
         assert scores.shape == (len(h), model.num_entities), f"model returned scores of shape {tuple(scores.shape)}"
         true_score = scores.gather(1, true[:, None])  # (B, 1)
-        greater = (scores > true_score).sum(1)
-        not_smaller = (scores >= true_score).sum(1)
+        greater, not_smaller = count(scores, true_score)
         rows, ents = index.gather(keys)
         keep = ents != true[rows]  # the true entity itself stays in the comparison
         rows, ents = rows[keep], ents[keep]
@@ -152,7 +177,8 @@ def evaluate(
     (pass train, valid and test; ``triples`` are always added)."""
     known = torch.cat([triples.long(), *(f.long() for f in filter_triples)])
     ranks = {}
+    compile = config.compile == "always" or (config.compile == "auto" and len(triples) * model.num_entities >= 1e8)
     for side in config.sides:
         index = FilterIndex(known, model.num_entities, num_relations, side)  # type: ignore[arg-type]
-        ranks[side] = rank_side(model, triples, side, index, config.batch_size)  # type: ignore[arg-type]
+        ranks[side] = rank_side(model, triples, side, index, config.batch_size, compile)  # type: ignore[arg-type]
     return RankResults(ranks, tuple(config.ks))

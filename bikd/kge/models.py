@@ -47,3 +47,28 @@ class TransE(nn.Module):
     def score_h(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B,), (B,) -> (B, num_entities): score of (every entity, r, t); ||e + w_r - e_t|| = ||e - (e_t - w_r)||."""
         return -self._distance_to_all(self.entity[t] - self.relation[r])
+
+    def _ranking_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, dim) -> (B, num_entities) ordered like -||q - e||_2 within each row: 2 q.e - ||e||^2.
+
+        Dropping the per-row constant ||q||^2 and the monotone sqrt leaves one GEMM; computing it as
+        (E, B) and returning the transposed view keeps MKL on its faster layout for a skinny batch."""
+        if self.p == 1:
+            return -self._distance_to_all(q)
+        return torch.addmm(self._entity_sq_norms(), self.entity, q.t(), beta=-1.0, alpha=2.0).t()
+
+    def _entity_sq_norms(self) -> torch.Tensor:
+        """(num_entities, 1) of ||e||^2, recomputed only when the table changed (optimiser steps and
+        load_state_dict bump the tensor's version counter), so ranking a test set computes it once."""
+        key = (self.entity.data_ptr(), self.entity._version)
+        if getattr(self, "_sq_norm_key", None) != key:
+            with torch.no_grad():
+                self._sq_norms = self.entity.detach().pow(2).sum(1, keepdim=True)
+            self._sq_norm_key = key
+        return self._sq_norms
+
+    def ranking_scores_t(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self._ranking_scores(self.entity[h] + self.relation[r])
+
+    def ranking_scores_h(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._ranking_scores(self.entity[t] - self.relation[r])
