@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 from bikd.kg.text import KGText, load_entity_text, load_relation_text, load_wikidata
 from bikd.kg.triples import SPLITS, KGSplits, UnknownPolicy, build_splits, read_triples
@@ -77,3 +78,21 @@ def load_text(name_or_path: str, *, path: str | None = None, storage_options: Ma
     relations = load_relation_text(url, opts) if (url := present("relation2text.txt")) else {}
     wikidata = load_wikidata(url, opts) if (url := present("entity2wikidata.json")) else {}
     return KGText(entities, relations, wikidata)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    #: a name (nations, kinships, umls, fb15k237) or a directory URL with train/valid/test.txt
+    dataset: str = "umls"
+    #: directory of a named dataset that is not embedded (fb15k237)
+    path: str | None = None
+    #: valid/test triples whose entities train lacks: dropped and counted, or an error
+    unknown: Literal["drop", "error"] = "drop"
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("data.dataset is empty")
+
+
+def load_from_config(cfg: DataConfig) -> KGSplits:
+    return load_dataset(cfg.dataset, path=cfg.path, unknown=cfg.unknown)

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    name: Literal["transe"] = "transe"
+    dim: int = 64
+    p: int = 2
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"model.dim must be >= 1, got {self.dim}")
+        if self.p not in (1, 2):
+            raise ValueError(f"model.p must be 1 or 2, got {self.p}")
+
+
+def build_model(cfg: ModelConfig, num_entities: int, num_relations: int) -> nn.Module:
+    return TransE(num_entities, num_relations, cfg.dim, p=cfg.p)
 
 
 class TransE(nn.Module):
@@ -29,7 +49,7 @@ class TransE(nn.Module):
             self.relation.div_(self.relation.norm(dim=1, keepdim=True))
 
     def score(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,), (B,) -> (B,)."""
+        """Index tensors of broadcastable shapes (e.g. (B,) or (B, 1) against (1, k)) -> that shape."""
         return -(self.entity[h] + self.relation[r] - self.entity[t]).norm(p=self.p, dim=-1)
 
     def _distance_to_all(self, q: torch.Tensor) -> torch.Tensor:
