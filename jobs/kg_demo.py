@@ -39,21 +39,21 @@ class DemoConfig:
             raise ValueError(f"num_mined must be >= 0, got {self.num_mined}")
 
 
-def mine(model, kg, known: torch.Tensor, num: int) -> list[tuple[int, int, int, float]]:
-    """The model's most confident (h, r, t) for test queries that are not yet in the KG, with the
-    softmax probability of t among all entities as confidence."""
-    known_set = set(map(tuple, known.tolist()))
+def mine(model, kg, known: set[tuple[int, int, int]], num: int, top_k: int = 5) -> list[tuple[int, int, int, float]]:
+    """The model's most confident new (h, r, t) among the top-k tails of each test query, with the softmax
+    probability of t among all entities as confidence; triples already in the KG (gold or mined) and
+    self-loops (TransE's trivial guess) are skipped."""
     h, r = kg.test[:, 0], kg.test[:, 1]
     with torch.no_grad():
-        probs = model.score_t(h, r).softmax(dim=1)
-    conf, tails = probs.max(dim=1)
-    found = {}
-    for i in conf.argsort(descending=True).tolist():
-        triple = (int(h[i]), int(r[i]), int(tails[i]))
-        if triple[0] != triple[2] and triple not in known_set and triple not in found:  # self-loops are TransE's trivial guess
-            found[triple] = float(conf[i])
-        if len(found) == num:
-            break
+        conf, tails = model.score_t(h, r).softmax(dim=1).topk(min(top_k, kg.num_entities), dim=1)
+    found: dict[tuple[int, int, int], float] = {}
+    for flat in conf.flatten().argsort(descending=True).tolist():
+        q, k = divmod(flat, conf.shape[1])
+        triple = (int(h[q]), int(r[q]), int(tails[q, k]))
+        if triple[0] != triple[2] and triple not in known and triple not in found:
+            found[triple] = float(conf[q, k])
+            if len(found) == num:
+                break
     return [(*t, c) for t, c in found.items()]
 
 
@@ -90,9 +90,11 @@ def main() -> None:
 
     snapshot = hashlib.sha256(model.entity.detach().numpy().tobytes()).hexdigest()[:16]
     e, rl = kg.entities.labels, kg.relations.labels
+    ids, _ = store.read().mined_arrays(kg.entities.to_id, kg.relations.to_id)
+    known_set = set(map(tuple, known.tolist())) | set(map(tuple, ids.tolist()))
     mined = [
         MinedTriple(e[h], rl[r], e[t], Provenance("kge-demo-link-prediction", store.head, conf, snapshot, "TransE top-1 tail for a test query"))
-        for h, r, t, conf in mine(model, kg, known, cfg.num_mined)
+        for h, r, t, conf in mine(model, kg, known_set, cfg.num_mined)
     ]
     version = store.commit(mined, message=f"demo run: {len(mined)} top-1 link predictions of TransE {snapshot}")
     storage.write_text(f"metrics-v{version}.json", json.dumps({"test": metrics, "kg_version": version}, indent=2))

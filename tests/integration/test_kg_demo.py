@@ -38,6 +38,7 @@ def test_demo_trains_evaluates_and_versions_the_kg(tmp_path):
     assert [v.kind for v in store.versions()] == ["gold", "mined", "mined"]
     v1, v2 = store.read(1), store.read(2)
     assert len(v1.mined) == 5 and len(v2.mined) == 8
+    assert len({m.triple for m in v2.mined}) == 8  # the second run mines only triples not yet in the KG
     known = {t for split in v1.gold.values() for t in split}
     assert all(m.triple not in known and 0 < m.provenance.confidence <= 1 for m in v2.mined)
 

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over bikd's fusion hyperparameters; this package alone imports ``ray.tune``."""
