@@ -93,10 +93,10 @@ def main() -> None:
     ids, _ = store.read().mined_arrays(kg.entities.to_id, kg.relations.to_id)
     known_set = set(map(tuple, known.tolist())) | set(map(tuple, ids.tolist()))
     mined = [
-        MinedTriple(e[h], rl[r], e[t], Provenance("kge-demo-link-prediction", store.head, conf, snapshot, "TransE top-1 tail for a test query"))
+        MinedTriple(e[h], rl[r], e[t], Provenance("kge-demo-link-prediction", store.head, conf, snapshot, f"{cfg.model.name} top-k tail for a test query"))
         for h, r, t, conf in mine(model, kg, known_set, cfg.num_mined)
     ]
-    version = store.commit(mined, message=f"demo run: {len(mined)} top-1 link predictions of TransE {snapshot}")
+    version = store.commit(mined, message=f"demo run: {len(mined)} top-k link predictions of {cfg.model.name} {snapshot}")
     storage.write_text(f"metrics-v{version}.json", json.dumps({"test": metrics, "kg_version": version}, indent=2))
     for v in store.versions():
         print(f"  KG v{v.version}: {v.kind:8s} +{v.num_mined_added:3d} mined (total {v.num_mined})  {v.message}")

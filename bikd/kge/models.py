@@ -1,83 +1,122 @@
-"""KG-embedding models that score one side against all entities, for training and ranking."""
+"""KG-embedding models: entity and relation tables plus an interaction from :mod:`bikd.kge.interactions`.
+
+A model scores index triples, and one side of a batch of queries against all entities: the interaction
+turns (h, r) or (r, t) into a query vector q, and every model here compares q to the entity table either
+by a dot product (DistMult, ComplEx) or by a distance (TransE, RotatE), so that scoring a batch against
+all entities is one GEMM (TransE-L1, with no such form, falls back to ``torch.cdist``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from bikd.kge.interactions import INTERACTIONS, Interaction, TransEInteraction, pairwise
+
+ModelName = Literal["transe", "distmult", "complex", "rotate"]
 
 
 @dataclass(kw_only=True, frozen=True)
 class ModelConfig:
-    name: Literal["transe"] = "transe"
+    """``dim`` counts model coordinates: ComplEx and RotatE entities hold ``dim`` complex numbers (2*dim reals).
+    ``p`` is TransE's norm; ``init_scale`` overrides the half-width of the uniform initialisation (default
+    per model, see the interactions; RotatE phases are always uniform in [-pi, pi])."""
+
+    name: ModelName = "transe"
     dim: int = 64
     p: int = 2
+    init_scale: float | None = None
 
     def __post_init__(self):
+        if self.name not in INTERACTIONS:
+            raise ValueError(f"model.name must be one of {sorted(INTERACTIONS)}, got {self.name!r}")
         if self.dim < 1:
             raise ValueError(f"model.dim must be >= 1, got {self.dim}")
         if self.p not in (1, 2):
             raise ValueError(f"model.p must be 1 or 2, got {self.p}")
+        if self.p != 2 and self.name != "transe":
+            raise ValueError(f"model.p applies to transe only, got p={self.p} for {self.name!r}")
+        if self.init_scale is not None and not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+            raise ValueError(f"model.init_scale must be a positive finite number, got {self.init_scale}")
 
 
-def build_model(cfg: ModelConfig, num_entities: int, num_relations: int) -> nn.Module:
-    return TransE(num_entities, num_relations, cfg.dim, p=cfg.p)
+def build_interaction(cfg: ModelConfig) -> Interaction:
+    return TransEInteraction(cfg.p) if cfg.name == "transe" else INTERACTIONS[cfg.name]()
 
 
-class TransE(nn.Module):
-    """TransE (Bordes et al., 2013): ``score(h, r, t) = -||e_h + w_r - e_t||_p``.
+def build_model(cfg: ModelConfig, num_entities: int, num_relations: int) -> KGEModel:
+    if cfg.name == "transe":
+        return TransE(num_entities, num_relations, cfg.dim, p=cfg.p, init_scale=cfg.init_scale)
+    return KGEModel(build_interaction(cfg), num_entities, num_relations, cfg.dim, init_scale=cfg.init_scale)
 
-    Shapes: entity table (num_entities, dim), relation table (num_relations, dim). Scoring against all
-    entities with p = 2 is done as a matrix product through
-    ``||q - e||^2 = ||q||^2 - 2 q.e + ||e||^2`` (q = e_h + w_r), the form that makes ranking 40k queries
-    against 15k entities a GEMM rather than a (B, E, dim) broadcast; p = 1 falls back to ``torch.cdist``.
+
+class KGEModel(nn.Module):
+    """Embedding tables ``entity (num_entities, dim * interaction.entity_factor)`` and ``relation
+    (num_relations, dim * interaction.relation_factor)`` scored by a stateless ``interaction``.
+
+    Scores are higher-is-better. ``score_t``/``score_h`` are exact and differentiable; ``ranking_scores_t/h``
+    only preserve the order within each row (what :mod:`bikd.eval.ranking` needs) and carry no gradient
+    through the cached entity norms, so they are for evaluation only.
     """
 
-    def __init__(self, num_entities: int, num_relations: int, dim: int, p: int = 2):
+    def __init__(self, interaction: Interaction, num_entities: int, num_relations: int, dim: int,
+                 init_scale: float | None = None):
         super().__init__()
-        if p not in (1, 2):
-            raise ValueError(f"TransE norm p must be 1 or 2, got {p}")
-        self.num_entities, self.num_relations, self.dim, self.p = num_entities, num_relations, dim, p
-        self.entity = nn.Parameter(torch.empty(num_entities, dim))
-        self.relation = nn.Parameter(torch.empty(num_relations, dim))
-        bound = 6.0 / dim**0.5
-        nn.init.uniform_(self.entity, -bound, bound)
-        nn.init.uniform_(self.relation, -bound, bound)
+        if num_entities < 1 or num_relations < 1 or dim < 1:
+            raise ValueError(f"need num_entities, num_relations, dim >= 1, got {num_entities}, {num_relations}, {dim}")
+        self.interaction = interaction
+        self.num_entities, self.num_relations, self.dim = num_entities, num_relations, dim
+        self.entity = nn.Parameter(torch.empty(num_entities, dim * interaction.entity_factor))
+        self.relation = nn.Parameter(torch.empty(num_relations, dim * interaction.relation_factor))
         with torch.no_grad():
-            self.relation.div_(self.relation.norm(dim=1, keepdim=True))
+            interaction.init_entity_(self.entity, init_scale)
+            interaction.init_relation_(self.relation, init_scale)
 
-    def score(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def extra_repr(self) -> str:
+        return f"{self.interaction}, num_entities={self.num_entities}, num_relations={self.num_relations}, dim={self.dim}"
+
+    def score(self, h: Tensor, r: Tensor, t: Tensor) -> Tensor:
         """Index tensors of broadcastable shapes (e.g. (B,) or (B, 1) against (1, k)) -> that shape."""
-        return -(self.entity[h] + self.relation[r] - self.entity[t]).norm(p=self.p, dim=-1)
+        return self.interaction.score(self.entity[h], self.relation[r], self.entity[t])
 
-    def _distance_to_all(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, dim) -> (B, num_entities) of ||q - e||_p."""
-        e = self.entity
-        if self.p == 1:
-            return torch.cdist(q, e, p=1.0)
-        sq = torch.addmm((e * e).sum(1)[None, :], q, e.t(), alpha=-2.0).add_((q * q).sum(1, keepdim=True))
-        return sq.clamp_(min=0.0).sqrt_()
+    def tail_query(self, h: Tensor, r: Tensor) -> Tensor:
+        return self.interaction.tail_query(self.entity[h], self.relation[r])
 
-    def score_t(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def head_query(self, r: Tensor, t: Tensor) -> Tensor:
+        return self.interaction.head_query(self.relation[r], self.entity[t])
+
+    def score_t(self, h: Tensor, r: Tensor) -> Tensor:
         """(B,), (B,) -> (B, num_entities): score of (h, r, every entity)."""
-        return -self._distance_to_all(self.entity[h] + self.relation[r])
+        return pairwise(self.interaction.similarity, self.tail_query(h, r), self.entity)
 
-    def score_h(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,) -> (B, num_entities): score of (every entity, r, t); ||e + w_r - e_t|| = ||e - (e_t - w_r)||."""
-        return -self._distance_to_all(self.entity[t] - self.relation[r])
+    def score_h(self, r: Tensor, t: Tensor) -> Tensor:
+        """(B,), (B,) -> (B, num_entities): score of (every entity, r, t)."""
+        return pairwise(self.interaction.similarity, self.head_query(r, t), self.entity)
 
-    def _ranking_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, dim) -> (B, num_entities) ordered like -||q - e||_2 within each row: 2 q.e - ||e||^2.
+    def ranking_scores_t(self, h: Tensor, r: Tensor) -> Tensor:
+        """(B,), (B,) -> (B, num_entities), ordered within each row like ``score_t``."""
+        return self._ranking_scores(self.tail_query(h, r))
 
-        Dropping the per-row constant ||q||^2 and the monotone sqrt leaves one GEMM; computing it as
-        (E, B) and returning the transposed view keeps MKL on its faster layout for a skinny batch."""
-        if self.p == 1:
-            return -self._distance_to_all(q)
-        return torch.addmm(self._entity_sq_norms(), self.entity, q.t(), beta=-1.0, alpha=2.0).t()
+    def ranking_scores_h(self, r: Tensor, t: Tensor) -> Tensor:
+        """(B,), (B,) -> (B, num_entities), ordered within each row like ``score_h``."""
+        return self._ranking_scores(self.head_query(r, t))
 
-    def _entity_sq_norms(self) -> torch.Tensor:
+    def _ranking_scores(self, q: Tensor) -> Tensor:
+        """(B, d_e) -> (B, num_entities). For L2, ``-||q - e||`` orders like ``2 q.e - ||e||^2`` (dropping
+        the per-row ||q||^2 and the monotone sqrt), one GEMM with the norms as its bias. The product is
+        computed as (E, B) and the transposed view returned: MKL is faster on that layout for a skinny batch."""
+        similarity = self.interaction.similarity
+        if similarity == "l2":
+            return torch.addmm(self._entity_sq_norms(), self.entity, q.t(), beta=-1.0, alpha=2.0).t()
+        if similarity == "dot":
+            return torch.mm(self.entity, q.t()).t()
+        return pairwise(similarity, q, self.entity)
+
+    def _entity_sq_norms(self) -> Tensor:
         """(num_entities, 1) of ||e||^2, recomputed only when the table changed (optimiser steps and
         load_state_dict bump the tensor's version counter), so ranking a test set computes it once."""
         key = (self.entity.data_ptr(), self.entity._version)
@@ -87,8 +126,22 @@ class TransE(nn.Module):
             self._sq_norm_key = key
         return self._sq_norms
 
-    def ranking_scores_t(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return self._ranking_scores(self.entity[h] + self.relation[r])
+    def constrain_(self) -> None:
+        """Apply the interaction's constraints in place; the training loop calls this after every optimiser
+        step. TransE: entity rows back to unit L2 norm (Bordes et al.); RotatE: phases wrapped into
+        [-pi, pi); DistMult, ComplEx: nothing."""
+        with torch.no_grad():
+            self.interaction.constrain_entity_(self.entity)
+            self.interaction.constrain_relation_(self.relation)
 
-    def ranking_scores_h(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._ranking_scores(self.entity[t] - self.relation[r])
+
+class TransE(KGEModel):
+    """TransE (Bordes et al., 2013): ``score(h, r, t) = -||e_h + w_r - e_t||_p``, tables (num_entities, dim)
+    and (num_relations, dim). Kept as a class for the callers that construct it directly."""
+
+    def __init__(self, num_entities: int, num_relations: int, dim: int, p: int = 2, init_scale: float | None = None):
+        super().__init__(TransEInteraction(p), num_entities, num_relations, dim, init_scale)
+
+    @property
+    def p(self) -> int:
+        return self.interaction.p  # type: ignore[attr-defined]

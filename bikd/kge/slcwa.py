@@ -54,8 +54,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():  # TransE keeps entities on the unit sphere (Bordes et al.)
-            model.entity.div_(model.entity.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        total += float(loss)
+        model.constrain_()  # e.g. TransE's entities back onto the unit sphere
+        total += loss.item()
         num_batches += 1
     return total / max(num_batches, 1)
