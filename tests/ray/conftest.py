@@ -1,0 +1,14 @@
+"""A real local Ray instance for the Ray tests (token authentication stays on, as Ray sets it up)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
