@@ -14,6 +14,9 @@ pushes are applied in trainer order), which makes runs bit-for-bit reproducible.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -23,11 +26,12 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bikd.kge.models import KGEModel, build_interaction, build_model
-from bikd.kge.partition import PartitionConfig, partition
+from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
 from bikd.kge.training import KGETrainConfig, plan_step, step_gradients
 from bikd.ray.messages import PullRequest, PushGrads, Rows, Snapshot
+from bikd.storage import Storage
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -38,6 +42,8 @@ class DistConfig:
     #: async mode: pushes a trainer may have in flight before it waits for the oldest to land
     staleness: int = 2
     cpus_per_trainer: float = 1.0
+    #: actor failures survived (each restarts the epoch from its start) before the run gives up
+    max_recoveries: int = 3
 
     def __post_init__(self):
         if self.num_parts < 1:
@@ -50,7 +56,7 @@ class DistConfig:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class EmbeddingShard:
     """Thin actor around :class:`ShardState`: each method unpacks a message and calls it."""
 
@@ -75,8 +81,15 @@ class EmbeddingShard:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def save(self, storage: Storage, rel: str) -> str:
+        """Write this shard's state (rows, optimiser state, version) to ``storage``; returns its sha256."""
+        return _save(storage, rel, self.state.state_dict())
 
-@ray.remote
+    def restore(self, storage: Storage, rel: str, sha256: str) -> None:
+        self.state.load_state_dict(_load(storage, rel, sha256))
+
+
+@ray.remote(max_restarts=-1)
 class KGETrainer:
     """Trains on one partition's triples against the shards; see the module docstring."""
 
@@ -135,24 +148,51 @@ class KGETrainer:
         """Async mode: the whole local epoch with at most ``staleness`` steps' pushes in flight."""
         self.begin_epoch()
         start, losses, pending = time.perf_counter(), [], []
-        while (result := self.compute()) is not None:
-            loss, _, pushes = result
-            losses.append(loss)
-            pending.append([target.push.remote(msg) for target, msg in pushes])
-            while len(pending) > self.staleness:
-                ray.get(pending.pop(0))
+        try:
+            while (result := self.compute()) is not None:
+                loss, _, pushes = result
+                losses.append(loss)
+                pending.append([target.push.remote(msg) for target, msg in pushes])
+                while len(pending) > self.staleness:
+                    ray.get(pending.pop(0))
+        finally:
+            # even when a shard died: no push of this epoch may land after the driver restores the shards
+            ray.wait([ref for refs in pending for ref in refs], num_returns=sum(map(len, pending)))
         for refs in pending:
             ray.get(refs)
         return {"part": self.part, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
                 "triples": len(self.triples), "seconds": time.perf_counter() - start}
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state(), "step": self.step_count}
+        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state(), "step": self.step_count,
+                "target_epoch": self.target_epoch}
+
+    def save(self, storage: Storage, rel: str) -> str:
+        return _save(storage, rel, self.state_dict())
+
+    def restore(self, storage: Storage, rel: str, sha256: str) -> None:
+        self.load_state_dict(_load(storage, rel, sha256))
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
+        self.target_epoch = int(state["target_epoch"])
+
+
+def _save(storage: Storage, rel: str, state: dict) -> str:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    storage.write_bytes(rel, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _load(storage: Storage, rel: str, sha256: str) -> dict:
+    data = storage.read_bytes(rel)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IOError(f"{storage.url_of(rel)}: checksum mismatch; the checkpoint file is corrupted")
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _node_strategy(node_id: str) -> NodeAffinitySchedulingStrategy:
@@ -180,25 +220,104 @@ class ShardedKGE:
         self.relation_shard = EmbeddingShard.options(scheduling_strategy=_node_strategy(nodes[0])).remote(
             torch.arange(num_relations), init.relation.detach(), cfg, "relation")
         owner = self.partitioning.entity_part
+        # keep the actors' constructor arguments referenced: a restarted actor is rebuilt from them
+        self._init_args = [ray.put(triples[self.partitioning.triples_of(p)]) for p in range(dist.num_parts)]
         self.trainers = [
             KGETrainer.options(num_cpus=dist.cpus_per_trainer, scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
-                p, triples[self.partitioning.triples_of(p)], num_entities, owner, cfg, self.shards, self.relation_shard,
+                p, self._init_args[p], num_entities, owner, cfg, self.shards, self.relation_shard,
                 dist.staleness)
             for p in range(dist.num_parts)
         ]
         self.interaction = init.interaction
         self.snapshot_version = 0
+        self.epoch = 0
+        self.num_recoveries = 0
+
+    def _actors(self) -> list:
+        return [*self.shards, self.relation_shard, *self.trainers]
+
+    def _capture(self) -> list[dict]:
+        """Every actor's state, fetched to the driver: the restore point if an actor dies mid-epoch."""
+        return ray.get([a.state_dict.remote() for a in self._actors()])
+
+    def _restore_from(self, states: list[dict]) -> None:
+        ray.get([a.load_state_dict.remote(s) for a, s in zip(self._actors(), states)])
 
     def train_epoch(self) -> dict:
+        """One epoch over every partition. If an actor dies (node loss, OOM, a kill), Ray restarts it, every
+        actor is reset to the state captured at the epoch's start and the epoch runs again, so no triple
+        of the epoch is skipped or trained twice."""
         start = time.perf_counter()
-        if self.dist.mode == "async":
-            stats = ray.get([t.run_epoch.remote() for t in self.trainers])
-            losses = [s["loss"] for s in stats]
-        else:
-            losses = self._sync_epoch()
+        restore_point = self._capture()
+        while True:
+            try:
+                losses = self._run_epoch()
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+                self.num_recoveries += 1
+                if self.num_recoveries > self.dist.max_recoveries:
+                    raise RuntimeError(f"gave up after {self.dist.max_recoveries} actor failures") from error
+                self._wait_alive()
+                self._restore_from(restore_point)
+        self.epoch += 1
         seconds = time.perf_counter() - start
         num_triples = sum(len(self.partitioning.triples_of(p)) for p in range(self.dist.num_parts))
         return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": num_triples / seconds}
+
+    def _run_epoch(self) -> list[float]:
+        if self.dist.mode == "sync":
+            return self._sync_epoch()
+        refs = [t.run_epoch.remote() for t in self.trainers]
+        ray.wait(refs, num_returns=len(refs))  # every trainer has stopped before a failure is handled
+        return [s["loss"] for s in ray.get(refs)]
+
+    def _wait_alive(self, timeout_s: float = 120.0) -> None:
+        """Block until every (restarted) actor answers again."""
+        deadline = time.monotonic() + timeout_s
+        for actor in self._actors():
+            while True:
+                try:
+                    ray.get(actor.node_id.remote(), timeout=10)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+
+    def checkpoint(self, storage: Storage) -> str:
+        """Write every shard (rows + optimiser state), the trainers' sampler positions and the partitioning
+        under ``storage/epoch-NNNNNN/``; the manifest is written last, so a checkpoint exists iff its
+        manifest does. Returns the checkpoint's name."""
+        name = f"epoch-{self.epoch:06d}"
+        actors = self._actors()
+        rels = [f"{name}/actor-{i:03d}.pt" for i in range(len(actors))]
+        shas = ray.get([a.save.remote(storage, rel) for a, rel in zip(actors, rels)])
+        shas.append(_save(storage, f"{name}/partition.pt", self.partitioning.state_dict()))
+        manifest = {"epoch": self.epoch, "num_parts": self.dist.num_parts, "files": [*rels, f"{name}/partition.pt"],
+                    "sha256": shas, "snapshot_version": self.snapshot_version}
+        storage.write_text(f"{name}/MANIFEST.json", json.dumps(manifest, indent=1))
+        return name
+
+    @staticmethod
+    def latest_checkpoint(storage: Storage) -> str | None:
+        names = [n for n in storage.ls() if n.startswith("epoch-") and storage.exists(f"{n}/MANIFEST.json")]
+        return max(names) if names else None
+
+    def restore(self, storage: Storage, name: str | None = None) -> int:
+        """Load a checkpoint (the latest complete one by default) into every actor; returns its epoch."""
+        name = name or self.latest_checkpoint(storage)
+        if name is None:
+            raise FileNotFoundError(f"no complete checkpoint under {storage.url}")
+        manifest = json.loads(storage.read_text(f"{name}/MANIFEST.json"))
+        if manifest["num_parts"] != self.dist.num_parts:
+            raise ValueError(f"{storage.url_of(name)} has {manifest['num_parts']} partitions, this run {self.dist.num_parts}")
+        saved = Partitioning.from_state_dict(_load(storage, manifest["files"][-1], manifest["sha256"][-1]))
+        if not torch.equal(saved.entity_part, self.partitioning.entity_part):
+            raise ValueError(f"{storage.url_of(name)} was partitioned differently (other data, method or seed)")
+        actors = self._actors()
+        ray.get([a.restore.remote(storage, rel, sha) for a, rel, sha in zip(actors, manifest["files"], manifest["sha256"])])
+        self.epoch, self.snapshot_version = int(manifest["epoch"]), int(manifest["snapshot_version"])
+        return self.epoch
 
     def _sync_epoch(self) -> list[float]:
         ray.get([t.begin_epoch.remote() for t in self.trainers])

@@ -7,8 +7,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ray_local():
+    import os
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a leftover instance
     yield ray
     ray.shutdown()

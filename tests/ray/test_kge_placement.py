@@ -1,0 +1,50 @@
+"""Placement of shards and trainers on several (simulated) nodes: ray.cluster_utils.Cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bikd.kg.datasets import load_dataset
+from bikd.kge.losses import LossConfig
+from bikd.kge.models import ModelConfig
+from bikd.kge.optim import SparseOptimConfig
+from bikd.kge.sampling import NegativeSamplerConfig
+from bikd.kge.training import KGETrainConfig
+from bikd.ray.kge import DistConfig, ShardedKGE
+
+
+def cfg() -> KGETrainConfig:
+    return KGETrainConfig(model=ModelConfig(name="distmult", dim=16), loss=LossConfig(name="logistic"), batch_size=200,
+                          sampler=NegativeSamplerConfig(num_negatives=16, chunk_size=50), optimizer=SparseOptimConfig(lr=0.1))
+
+
+@pytest.mark.slow
+def test_trainers_sit_on_their_shards_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    saved = os.environ.get("RAY_ADDRESS")
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        kg = load_dataset("nations")
+        sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(), DistConfig(num_parts=2))
+        try:
+            shard_nodes = ray.get([s.node_id.remote() for s in sharded.shards])
+            trainer_nodes = ray.get([t.node_id.remote() for t in sharded.trainers])
+            assert shard_nodes == trainer_nodes
+            assert len(set(shard_nodes)) == 2  # one partition per node
+            assert sharded.train_epoch()["loss"] > 0
+        finally:
+            sharded.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:  # ray.init(address=...) exported it; later local instances must not see it
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
