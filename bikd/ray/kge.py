@@ -25,6 +25,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from bikd.kge.export import export_embeddings
 from bikd.kge.models import KGEModel, build_interaction, build_model
 from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
@@ -339,6 +340,18 @@ class ShardedKGE:
         relation = ray.get(self.relation_shard.rows.remote()).rows
         self.snapshot_version += 1
         return Snapshot(version=self.snapshot_version, entity=entity, relation=relation)
+
+    def publish(self, storage: Storage | None = None, entity_labels=None, relation_labels=None) -> tuple[Snapshot, "ray.ObjectRef"]:
+        """A new snapshot as an object ref (what the LM side pulls) and, with ``storage``, written as an
+        export under ``snapshots/vNNNNNN/`` (complete iff its model.json exists)."""
+        snapshot = self.snapshot()
+        if storage is not None:
+            entity_labels = entity_labels or [str(i) for i in range(self.num_entities)]
+            relation_labels = relation_labels or [str(i) for i in range(self.num_relations)]
+            export_embeddings(storage, snapshot.entity, snapshot.relation, entity_labels, relation_labels,
+                              self.cfg.model, prefix=f"snapshots/v{snapshot.version:06d}",
+                              extra={"snapshot_version": snapshot.version, "epoch": self.epoch})
+        return snapshot, ray.put(snapshot)
 
     def interaction_shape(self, kind: str) -> tuple[int]:
         factor = self.interaction.entity_factor if kind == "entity" else self.interaction.relation_factor

@@ -70,3 +70,27 @@ def test_async_mode_learns(ray_local, nations):
         sharded.shutdown()
     assert losses[-1] < losses[0]
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_publish_snapshot_as_ref_and_files(ray_local, nations, tmp_path):
+    import ray
+
+    from bikd.kge.export import load_embeddings
+    from bikd.storage import Storage
+
+    storage = Storage(str(tmp_path / "run"))
+    sharded = ShardedKGE(nations.train, nations.num_entities, nations.num_relations, cfg(), DistConfig(num_parts=2))
+    try:
+        sharded.train_epoch()
+        snap, ref = sharded.publish(storage, nations.entities.labels, nations.relations.labels)
+        sharded.train_epoch()
+        later, _ = sharded.publish(storage, nations.entities.labels, nations.relations.labels)
+    finally:
+        sharded.shutdown()
+    assert (snap.version, later.version) == (1, 2)
+    assert torch.equal(ray.get(ref).entity, snap.entity)
+    entity, relation, entity_labels, _, meta = load_embeddings(storage, "snapshots/v000001")
+    assert torch.equal(torch.from_numpy(entity), snap.entity) and torch.equal(torch.from_numpy(relation), snap.relation)
+    assert entity_labels == list(nations.entities.labels) and meta["extra"]["snapshot_version"] == 1
+    assert not torch.equal(later.entity, snap.entity)  # the stored v1 stays as it was
