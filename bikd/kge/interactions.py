@@ -23,7 +23,7 @@ Layout conventions (d = the model dimension):
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -50,16 +50,88 @@ def pairwise(similarity: Similarity, q: Tensor, c: Tensor) -> Tensor:
     if similarity == "dot":
         out = torch.bmm(q3, c3.transpose(1, 2))
     elif similarity == "l2":
-        sq = torch.baddbmm((c3 * c3).sum(-1)[:, None, :], q3, c3.transpose(1, 2), alpha=-2.0)
-        out = -(sq + (q3 * q3).sum(-1, keepdim=True)).clamp_min(_SQ_EPS).sqrt()
+        out = _L2Scores.apply(q3, c3)
     else:
         raise ValueError(f"unknown similarity {similarity!r}")
     return out.reshape(*lead, *out.shape[-2:])
 
 
+class _L2Scores(torch.autograd.Function):
+    """``-||q - c||_2`` for ``q (n, B, d)``, ``c (n, K, d)`` -> ``(n, B, K)``, with a hand-written backward.
+
+    Forward is one GEMM ``||c||^2 - 2 q.c`` (baddbmm) and in-place ``+ ||q||^2``, clamp, sqrt, negate on its
+    output. Backward, with ``m = g / s`` (s the scores, so ``d s / d sq = 1 / (2 s)``):
+    ``dq = q * rowsum(m) - m @ c`` and ``dc = c * colsum(m) - m^T @ q``, two more GEMMs with the rank-one
+    terms as their bias. Autograd through the expansion instead keeps five (n, B, K) temporaries and makes
+    about ten passes over them; this makes three (the division and the two sums). Where the squared
+    distance was clamped (a candidate equal to its query, to rounding) the gradient is 0, as autograd's
+    ``clamp_min`` gives.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, c: Tensor) -> Tensor:
+        out = torch.baddbmm((c * c).sum(-1)[:, None, :], q, c.transpose(1, 2), alpha=-2.0)
+        out.add_((q * q).sum(-1, keepdim=True))
+        clamped = out.numel() > 0 and bool(out.min() < _SQ_EPS)
+        out.clamp_min_(_SQ_EPS).sqrt_().neg_()
+        ctx.clamped = clamped
+        ctx.save_for_backward(q, c, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        q, c, out = ctx.saved_tensors
+        m = grad / out
+        if ctx.clamped:
+            floor = -torch.tensor(_SQ_EPS, dtype=out.dtype).sqrt()
+            m.masked_fill_(out >= floor, 0.0)
+        dq = dc = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.baddbmm(q * m.sum(-1, keepdim=True), m, c, alpha=-1.0)
+        if ctx.needs_input_grad[1]:
+            dc = torch.baddbmm(c * m.sum(-2)[..., None], m.transpose(1, 2), q, alpha=-1.0)
+        return dq, dc
+
+
+def rowwise(similarity: Similarity, q: Tensor, x: Tensor) -> Tensor:
+    """Similarity of each query to its own candidate: ``(*batch, d)``, ``(*batch, d)`` -> ``(*batch)``."""
+    if similarity == "dot":
+        return (q * x).sum(-1)
+    if similarity == "l2":
+        return _RowL2Scores.apply(q, x)
+    if similarity == "l1":
+        return -(q - x).norm(p=1, dim=-1)
+    raise ValueError(f"unknown similarity {similarity!r}")
+
+
+class _RowL2Scores(torch.autograd.Function):
+    """``-||q - x||_2`` over the last dim, with the backward written out: ``dq = -dx = -g (q - x) / ||q - x||``
+    (0 where the distance is 0, as autograd's norm gives), one scaling pass of the saved difference
+    instead of the norm backward's division, mask and product over the full rows."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, x: Tensor) -> Tensor:
+        diff = q - x
+        dist = torch.linalg.vector_norm(diff, dim=-1)
+        ctx.save_for_backward(diff, dist)
+        return dist.neg()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        diff, dist = ctx.saved_tensors
+        coef = torch.where(dist > 0, grad / dist, 0.0).neg_().unsqueeze(-1)
+        dq = diff * coef
+        return dq, dq.neg()
+
+
 def _common_batch(q: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     lead = torch.broadcast_shapes(q.shape[:-2], c.shape[:-2])
     return q.expand(*lead, *q.shape[-2:]), c.expand(*lead, *c.shape[-2:])
+
+
+def _side_sign(corrupt_head: Tensor, like: Tensor) -> Tensor:
+    """``corrupt_head (N,)`` bool -> ``(N, 1, 1)`` of -1 (head) / +1 (tail) in ``like``'s dtype."""
+    return (1 - 2 * corrupt_head.to(like.dtype))[:, None, None]
 
 
 def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,6 +179,24 @@ class Interaction:
         score(h_cand[c, k], r[c, b], t[c, b])``."""
         return pairwise(self.similarity, self.head_query(r, t), h_cand)
 
+    def side_query(self, e: Tensor, r: Tensor, corrupt_head: Tensor) -> Tensor:
+        """Each chunk's query for the side it corrupts: ``e (N, C, d_e)`` the entity it keeps, ``r (N, C,
+        d_r)``, ``corrupt_head (N,)`` bool -> ``(N, C, d_e)``, chunk n being ``head_query(r[n], e[n])``
+        (e = the tails) where ``corrupt_head[n]``, else ``tail_query(e[n], r[n])`` (e = the heads).
+
+        Generic form: one query call per side-uniform batch, else per chunk. The models override it with
+        one expression for both sides, as every head query here is a tail query with the relation
+        inverted (TransE: -r, DistMult: r, ComplEx: conj(r), RotatE: -theta).
+        """
+        sides = corrupt_head.tolist()
+        if all(sides):
+            return self.head_query(r, e)
+        if not any(sides):
+            return self.tail_query(e, r)
+        es, rs = e.unbind(0), r.unbind(0)
+        return torch.stack([self.head_query(rs[n], es[n]) if head else self.tail_query(es[n], rs[n])
+                            for n, head in enumerate(sides)])
+
     def init_entity_(self, x: Tensor, scale: float | None = None) -> Tensor:
         """Default: uniform in +-sqrt(3 / width), the Xavier bound of a square layer, so that a row has
         expected squared norm 1 whatever the dimension; ``scale`` overrides the bound."""
@@ -153,6 +243,9 @@ class TransEInteraction(Interaction):
     def head_query(self, r: Tensor, t: Tensor) -> Tensor:
         return t - r
 
+    def side_query(self, e: Tensor, r: Tensor, corrupt_head: Tensor) -> Tensor:
+        return torch.addcmul(e, _side_sign(corrupt_head, r), r)  # e + r (tail) or e - r (head)
+
     def init_entity_(self, x: Tensor, scale: float | None = None) -> Tensor:
         return _uniform_(x, scale if scale is not None else 6.0 / math.sqrt(x.shape[-1]))
 
@@ -188,6 +281,9 @@ class DistMultInteraction(Interaction):
     def head_query(self, r: Tensor, t: Tensor) -> Tensor:
         return r * t
 
+    def side_query(self, e: Tensor, r: Tensor, corrupt_head: Tensor) -> Tensor:
+        return e * r  # symmetric: the same query for both sides
+
 
 class ComplExInteraction(Interaction):
     """ComplEx (Trouillon et al., 2016): ``f(h, r, t) = Re(sum_i h_i r_i conj(t_i))`` over complex d-vectors.
@@ -214,6 +310,10 @@ class ComplExInteraction(Interaction):
     def head_query(self, r: Tensor, t: Tensor) -> Tensor:
         (r_re, r_im), (t_re, t_im) = _halves(r), _halves(t)
         return torch.cat([r_re * t_re + r_im * t_im, r_re * t_im - r_im * t_re], dim=-1)
+
+    def side_query(self, e: Tensor, r: Tensor, corrupt_head: Tensor) -> Tensor:
+        r_re, r_im = _halves(r)  # head: tail_query(t, conj(r)), the imaginary half negated
+        return self.tail_query(e, torch.cat([r_re, r_im * _side_sign(corrupt_head, r)], dim=-1))
 
 
 class RotatEInteraction(Interaction):
@@ -247,12 +347,24 @@ class RotatEInteraction(Interaction):
     def head_query(self, r: Tensor, t: Tensor) -> Tensor:
         return self._rotate(t, -r)
 
+    def side_query(self, e: Tensor, r: Tensor, corrupt_head: Tensor) -> Tensor:
+        return self._rotate(e, r * _side_sign(corrupt_head, r))  # head: rotate the tail back by -theta
+
     def init_relation_(self, x: Tensor, scale: float | None = None) -> Tensor:
         return _uniform_(x, math.pi)
 
     def constrain_relation_(self, x: Tensor) -> None:
         with torch.no_grad():
             x.add_(math.pi).remainder_(2 * math.pi).sub_(math.pi)
+
+
+def row_constraint(interaction: Interaction, kind: str) -> Callable[[Tensor], None] | None:
+    """The in-place constraint on updated ``kind`` ("entity" or "relation") rows, or None when the
+    interaction has none (the base class's no-op), so that callers can skip touching the rows at all."""
+    name = {"entity": "constrain_entity_", "relation": "constrain_relation_"}[kind]
+    if getattr(type(interaction), name) is getattr(Interaction, name):
+        return None
+    return getattr(interaction, name)
 
 
 INTERACTIONS: dict[str, type[Interaction]] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -60,16 +60,42 @@ class SparseOptimConfig:
 def coalesce(ids: Tensor, grads: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     """Unique sorted ids (u,) and their summed gradients (u, dim); ids must lie in [0, num_rows).
 
+    Ids that are already strictly increasing (a training step's plan pushes unique sorted ids) are
+    returned as they are, with ``grads`` itself (not a copy): what the sort and sum would give, for free.
+
     Uses the sparse COO coalesce (sort + segment sum), the very call torch.optim.SparseAdam makes, rather
     than unique + index_add_: same speed on one thread, but index_add_ (and scatter_add_) slow down by
     orders of magnitude when torch's OpenMP threads compete for cores (measured on a shared 2-core VM:
     0.01 ms -> 50 ms for 100 rows), which is exactly the situation of several Ray actors on one node.
     """
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # already unique and sorted (plans, shards): as is
+        lo, hi = (int(ids[0]), int(ids[-1])) if len(ids) else (0, -1)
+        if len(ids) and not (0 <= lo and hi < num_rows):
+            raise ValueError(f"ids must lie in [0, {num_rows}), got [{lo}, {hi}]")
+        return ids, grads
     # the bounds check is ours: with invariant checks off an out-of-range id would corrupt memory
     if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < num_rows):
         raise ValueError(f"ids must lie in [0, {num_rows}), got [{int(ids.min())}, {int(ids.max())}]")
     summed = torch.sparse_coo_tensor(ids[None], grads, (num_rows, grads.shape[1]), check_invariants=False).coalesce()
     return summed.indices()[0], summed.values()
+
+
+def copy_rows_(table: Tensor, ids: Tensor, rows: Tensor) -> Tensor:
+    """``table.index_copy_(0, ids, rows)``, done on 16- or 8-byte elements when the rows' bytes allow it.
+
+    CPU ``index_copy_`` costs per element (an index computation each) rather than per byte: a float32 row
+    copied as 16-byte complex128 (or 8-byte float64) elements goes 2-4x faster (0.37 -> 0.16 ms for 2,500
+    rows of 200). The bytes moved are the same, so the result is bit-identical (a load/store of the wider
+    type does not alter bits, NaN payloads included).
+    """
+    if table.is_contiguous() and rows.is_contiguous() and table.dtype == rows.dtype and table.ndim == 2 \
+            and table.storage_offset() == 0 and rows.storage_offset() == 0:
+        row_bytes = table.shape[1] * table.element_size()
+        for wide in (torch.complex128, torch.float64):
+            if wide.itemsize > table.element_size() and row_bytes % wide.itemsize == 0:
+                table.view(wide).index_copy_(0, ids, rows.view(wide))
+                return table
+    return table.index_copy_(0, ids, rows)
 
 
 class _RowOptimizer:
@@ -89,8 +115,17 @@ class _RowOptimizer:
         self.dtype, self.lr, self.eps = dtype, cfg.lr, cfg.resolved_eps
 
     @torch.no_grad()
-    def step(self, table: Tensor, ids: Tensor, grads: Tensor) -> None:
-        """Update ``table`` rows ``ids`` in place with ``grads`` (n, dim); duplicate ids are summed first."""
+    def step(self, table: Tensor, ids: Tensor, grads: Tensor, constrain: Callable[[Tensor], None] | None = None,
+             rows: Tensor | None = None) -> None:
+        """Update ``table`` rows ``ids`` in place with ``grads`` (n, dim); duplicate ids are summed first.
+
+        ``constrain``, if given, is applied in place to the updated rows before they are written back (a
+        model's projection, e.g. TransE's unit norm): the same values as constraining the rows of the
+        updated table afterwards, without gathering and scattering them a second time.
+        ``rows``, if given, must be a copy of the current ``table[ids]`` that the caller already holds (a
+        trainer's pulled rows); it is updated in place and written back instead of gathering the rows
+        again. It is used only when ``ids`` are unique and sorted (else the rows are gathered as usual).
+        """
         if table.shape != (self.num_rows, self.dim) or table.dtype != self.dtype:
             raise ValueError(f"table must be ({self.num_rows}, {self.dim}) {self.dtype}, got {tuple(table.shape)} {table.dtype}")
         if ids.ndim != 1 or ids.dtype != torch.long or grads.shape != (len(ids), self.dim) or grads.dtype != self.dtype:
@@ -99,9 +134,16 @@ class _RowOptimizer:
         if len(ids) == 0:
             return
         uniq, summed = coalesce(ids, grads, self.num_rows)
-        self._update(table, uniq, summed)
+        if rows is not None and (uniq is not ids or rows.shape != grads.shape or rows.dtype != self.dtype):
+            rows = None
+        rows = self._update(table, uniq, summed, rows)
+        if constrain is not None:
+            constrain(rows)
+        copy_rows_(table, uniq, rows)
 
-    def _update(self, table: Tensor, ids: Tensor, grads: Tensor) -> None:
+    def _update(self, table: Tensor, ids: Tensor, grads: Tensor, rows: Tensor | None) -> Tensor:
+        """Update the state of rows ``ids`` and return their new table rows (u, dim), computed in ``rows``
+        (their current values) when given, else in a fresh gather; ``step`` writes them back."""
         raise NotImplementedError
 
     def _scalars(self) -> dict:
@@ -149,7 +191,7 @@ class RowAdagrad(_RowOptimizer):
         self.rowwise = cfg.name == "rowwise_adagrad"
         self.sum = torch.zeros((num_rows, 1 if self.rowwise else dim), dtype=dtype, device=device)
 
-    def _update(self, table: Tensor, ids: Tensor, grads: Tensor) -> None:
+    def _update(self, table: Tensor, ids: Tensor, grads: Tensor, rows: Tensor | None) -> Tensor:
         # index_select / index_copy_ rather than table[ids] (advanced indexing is far slower on CPU) and
         # rather than index_add_ (see coalesce)
         acc = self.sum.index_select(0, ids)
@@ -159,8 +201,8 @@ class RowAdagrad(_RowOptimizer):
             acc.addcmul_(grads, grads)
         self.sum.index_copy_(0, ids, acc)
         # torch.optim.Adagrad's own arithmetic (addcmul_, sqrt + eps, addcdiv_): "adagrad" matches it bit for bit
-        rows = table.index_select(0, ids).addcdiv_(grads, acc.sqrt_().add_(self.eps), value=-self.lr)
-        table.index_copy_(0, ids, rows)
+        rows = table.index_select(0, ids) if rows is None else rows
+        return rows.addcdiv_(grads, acc.sqrt_().add_(self.eps), value=-self.lr)
 
 
 class RowAdam(_RowOptimizer):
@@ -185,14 +227,14 @@ class RowAdam(_RowOptimizer):
         self.row_step = torch.zeros(num_rows, dtype=torch.long, device=device)
         self.step_count = 0
 
-    def _update(self, table: Tensor, ids: Tensor, grads: Tensor) -> None:
+    def _update(self, table: Tensor, ids: Tensor, grads: Tensor, rows: Tensor | None) -> Tensor:
         beta1, beta2 = self.cfg.betas
         m = self.exp_avg.index_select(0, ids)
         m.add_(grads.sub(m).mul_(1 - beta1))
         v = self.exp_avg_sq.index_select(0, ids)
         v.add_(grads.pow(2).sub_(v).mul_(1 - beta2))
-        self.exp_avg.index_copy_(0, ids, m)
-        self.exp_avg_sq.index_copy_(0, ids, v)
+        copy_rows_(self.exp_avg, ids, m)
+        copy_rows_(self.exp_avg_sq, ids, v)
         steps = self.row_step.index_select(0, ids).add_(1)
         self.row_step.index_copy_(0, ids, steps)
         self.step_count += 1
@@ -204,7 +246,8 @@ class RowAdam(_RowOptimizer):
             n = steps.to(torch.float64)
             step_size = (-self.lr * torch.sqrt(1 - beta2**n) / (1 - beta1**n)).to(self.dtype)[:, None]
         update = m.div_(v.sqrt_().add_(self.eps)).mul_(step_size)
-        table.index_copy_(0, ids, table.index_select(0, ids).add_(update))
+        rows = table.index_select(0, ids) if rows is None else rows
+        return rows.add_(update)
 
     def _scalars(self) -> dict:
         return {"step": self.step_count}

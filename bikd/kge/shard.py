@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bikd.kge.interactions import Interaction
+from bikd.kge.interactions import Interaction, row_constraint
 from bikd.kge.optim import SparseOptimConfig, build_sparse_optimizer
 
 
@@ -24,13 +24,24 @@ class ShardState:
         self.ids, self.table = ids.long(), table.detach().clone().contiguous()
         self.optimizer = build_sparse_optimizer(optim, len(ids), table.shape[1], dtype=table.dtype)
         self.interaction, self.kind = interaction, kind
+        #: applied by the optimiser to the rows it updates; None when the model has no such constraint
+        self.constraint = row_constraint(interaction, kind)
         self.version = 0  # number of pushes applied: snapshots and messages carry it
+        # ids 0..n-1 (the relation shard, a single entity shard): a global id is its own row position
+        self._identity = len(self.ids) == 0 or (int(self.ids[0]) == 0 and int(self.ids[-1]) == len(self.ids) - 1)
 
     def local(self, ids: torch.Tensor) -> torch.Tensor:
         """Global ids -> row positions in this shard; ids this shard does not own are a caller bug."""
+        ids = ids.long()
+        if self._identity:
+            if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < len(self.ids)):
+                missing = ids[(ids < 0) | (ids >= len(self.ids))][:5].tolist()
+                raise KeyError(f"ids {missing} are not in this {self.kind} shard")
+            return ids
         pos = torch.searchsorted(self.ids, ids).clamp_(max=len(self.ids) - 1)
-        if not bool((self.ids[pos] == ids).all()):
-            missing = ids[self.ids[pos] != ids][:5].tolist()
+        found = self.ids.index_select(0, pos)
+        if not torch.equal(found, ids):
+            missing = ids[found != ids][:5].tolist()
             raise KeyError(f"ids {missing} are not in this {self.kind} shard")
         return pos
 
@@ -41,10 +52,7 @@ class ShardState:
     def push(self, ids: torch.Tensor, grads: torch.Tensor) -> int:
         """Apply (n, d) gradients of (n,) global ids (duplicates are summed); returns the new version."""
         pos = self.local(ids)
-        self.optimizer.step(self.table, pos, grads)
-        rows = self.table.index_select(0, pos)
-        (self.interaction.constrain_entity_ if self.kind == "entity" else self.interaction.constrain_relation_)(rows)
-        self.table.index_copy_(0, pos, rows)
+        self.optimizer.step(self.table, pos, grads, constrain=self.constraint)
         self.version += 1
         return self.version
 

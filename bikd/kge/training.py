@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from bikd.kge.interactions import Interaction
+from bikd.kge.interactions import Interaction, pairwise, row_constraint, rowwise
 from bikd.kge.losses import LossConfig, RegularizerConfig, compute_loss, compute_regularizer
-from bikd.kge.models import KGEModel, ModelConfig, build_model
+from bikd.kge.models import ModelConfig, build_model
 from bikd.kge.optim import SparseOptimConfig, build_sparse_optimizer
 from bikd.kge.sampling import BatchIterator, NegativeBatch, NegativeSampler, NegativeSamplerConfig, degrees_from_triples
 
@@ -61,12 +61,12 @@ class StepPlan(NamedTuple):
 
 def plan_step(triples: torch.Tensor, neg: NegativeBatch) -> StepPlan:
     """triples (B, 3) global ids, neg the batch's joint negatives -> the rows to pull and their positions."""
-    num_pos = len(triples) * 2
-    entity_ids, inverse = torch.unique(torch.cat([triples[:, 0], triples[:, 2], neg.negatives.flatten()]), return_inverse=True)
-    relation_ids, r_pos = torch.unique(triples[:, 1], return_inverse=True)
     B = len(triples)
-    return StepPlan(entity_ids, relation_ids, inverse[:B], r_pos, inverse[B:num_pos],
-                    inverse[num_pos:].view_as(neg.negatives))
+    ids = torch.cat([triples[:, 0], triples[:, 2], neg.negatives.flatten()])
+    entity_ids, inverse = torch.unique(ids, return_inverse=True)
+    relation_ids, r_pos = torch.unique(triples[:, 1], return_inverse=True)
+    return StepPlan(entity_ids, relation_ids, inverse[:B], r_pos, inverse[B:2 * B],
+                    inverse[2 * B:].view_as(neg.negatives))
 
 
 def step_gradients(
@@ -85,26 +85,55 @@ def step_gradients(
     entity_rows (U_e, d_e) and relation_rows (U_r, d_r) are the rows of ``plan``'s ids; ``weights`` and
     ``labels`` (B,) weight whole triples and give soft targets for the positives (mined triples).
     Returns (loss, entity grads (U_e, d_e), relation grads (U_r, d_r)).
+
+    Every positive is laid out in its chunk (N, C) as the entity its chunk keeps, ``e`` (the tail of a
+    head-corrupted chunk, else the head), its relation and the entity that is replaced, ``x``: the chunk's
+    query is ``q = interaction.side_query(e, r)``, the positive scores ``sim(q, x)`` and the negatives
+    ``sim(q, negatives)``, one batched product per chunk. Those rows are gathered once with
+    ``index_select`` into leaf tensors; autograd runs on the leaves only and their gradients are summed
+    back onto the pulled rows with ``index_add_``. (Autograd through ``rows[positions]`` instead turns
+    every gather into a zero-filled (U_e, d) ``index_put_`` in the backward pass.)
     """
-    ent = entity_rows.detach().requires_grad_(True)
-    rel = relation_rows.detach().requires_grad_(True)
-    h, r, t = ent[plan.h], rel[plan.r], ent[plan.t]  # (B, d)
-    pos = interaction.score(h, r, t)  # (B,)
-    idx, ch = neg.index, neg.corrupt_head  # (N, C), (N,)
-    negs = ent[plan.negatives]  # (N, K, d_e)
-    hc, rc, tc = h[idx], r[idx], t[idx]  # (N, C, d)
-    neg_scores = torch.cat([
-        interaction.score_heads(negs[ch], rc[ch], tc[ch]),
-        interaction.score_tails(hc[~ch], rc[~ch], negs[~ch]),
-    ])  # (N, C, K), chunks reordered: head-corrupted first
-    order = torch.cat([ch.nonzero().flatten(), (~ch).nonzero().flatten()])
-    w = neg.mask[order].to(pos.dtype)
+    ent, rel = entity_rows.detach(), relation_rows.detach()
+    num_chunks, chunk = neg.index.shape
+    num_neg = plan.negatives.shape[1]
+    flat = neg.index.flatten()
+    if len(flat) == len(plan.h) and torch.equal(flat, torch.arange(len(flat))):
+        h_pos, r_pos, t_pos = plan.h, plan.r, plan.t  # no padding: the chunks are the batch in order
+    else:
+        h_pos, r_pos, t_pos = plan.h.index_select(0, flat), plan.r.index_select(0, flat), plan.t.index_select(0, flat)
+    head = neg.corrupt_head.repeat_interleave(chunk)
+    kept, replaced = torch.where(head, t_pos, h_pos), torch.where(head, h_pos, t_pos)
+
+    def leaf(rows: torch.Tensor, pos: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return rows.index_select(0, pos).view(*shape, -1).requires_grad_(True)
+
+    e, x = leaf(ent, kept, (num_chunks, chunk)), leaf(ent, replaced, (num_chunks, chunk))  # (N, C, d_e)
+    r = leaf(rel, r_pos, (num_chunks, chunk))  # (N, C, d_r)
+    cand = leaf(ent, plan.negatives.flatten(), (num_chunks, num_neg))  # (N, K, d_e)
+    query = interaction.side_query(e, r, neg.corrupt_head)
+    pos = rowwise(interaction.similarity, query, x)  # (N, C)
+    neg_scores = pairwise(interaction.similarity, query, cand)  # (N, C, K)
+
+    w = neg.mask.to(pos.dtype)
     if weights is not None:
-        w = w * weights[idx[order]]
-    lab = labels[idx[order]] if labels is not None else None
-    loss = compute_loss(loss_cfg, pos[idx[order]], neg_scores, w, lab) + compute_regularizer(reg_cfg, h, r, t)
+        w = w * weights.index_select(0, flat).view_as(w)
+    lab = labels.index_select(0, flat).view_as(w) if labels is not None else None
+    loss = compute_loss(loss_cfg, pos, neg_scores, w, lab)
+    reg_rows = None
+    if reg_cfg.name != "none" and reg_cfg.weight != 0:  # on the batch's own rows, without the padding
+        batch = (len(plan.h),)
+        reg_rows = (leaf(ent, plan.h, batch), leaf(rel, plan.r, batch), leaf(ent, plan.t, batch))
+        loss = loss + compute_regularizer(reg_cfg, *reg_rows)
     loss.backward()
-    return float(loss.detach()), ent.grad, rel.grad
+
+    ent_grad = torch.zeros_like(ent).index_add_(0, kept, e.grad.flatten(0, 1))
+    ent_grad.index_add_(0, replaced, x.grad.flatten(0, 1)).index_add_(0, plan.negatives.flatten(), cand.grad.flatten(0, 1))
+    rel_grad = torch.zeros_like(rel).index_add_(0, r_pos, r.grad.flatten(0, 1))
+    if reg_rows is not None:
+        ent_grad.index_add_(0, plan.h, reg_rows[0].grad).index_add_(0, plan.t, reg_rows[2].grad)
+        rel_grad.index_add_(0, plan.r, reg_rows[1].grad)
+    return float(loss.detach()), ent_grad, rel_grad
 
 
 class LocalTrainer:
@@ -121,17 +150,22 @@ class LocalTrainer:
         degrees = degrees_from_triples(triples, num_entities) if cfg.sampler.distribution == "degree" else None
         self.sampler = NegativeSampler(cfg.sampler, num_entities, degrees)
         self.batches = BatchIterator(len(triples), cfg.batch_size, cfg.seed)
+        self._entity_constraint = row_constraint(self.model.interaction, "entity")
+        self._relation_constraint = row_constraint(self.model.interaction, "relation")
 
     def step(self, batch: torch.Tensor, weights: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> float:
         model = self.model
         neg = self.sampler.sample_batch(len(batch), self.generator)
-        plan = plan_step(self.triples[batch], neg)
-        loss, ent_grad, rel_grad = step_gradients(
-            model.interaction, plan, neg, model.entity[plan.entity_ids], model.relation[plan.relation_ids],
-            self.cfg.loss, self.cfg.regularizer, weights, labels)
-        self.entity_opt.step(model.entity.data, plan.entity_ids, ent_grad)
-        self.relation_opt.step(model.relation.data, plan.relation_ids, rel_grad)
-        _constrain_rows(model, plan.entity_ids, plan.relation_ids)
+        plan = plan_step(self.triples.index_select(0, batch), neg)
+        entity, relation = model.entity.data, model.relation.data
+        ent_rows, rel_rows = entity.index_select(0, plan.entity_ids), relation.index_select(0, plan.relation_ids)
+        loss, ent_grad, rel_grad = step_gradients(model.interaction, plan, neg, ent_rows, rel_rows, self.cfg.loss,
+                                                  self.cfg.regularizer, weights, labels)
+        # the optimisers update the pulled rows (still the tables' rows: nothing else wrote them) in place,
+        # apply the model's constraint to them and write them back
+        self.entity_opt.step(entity, plan.entity_ids, ent_grad, constrain=self._entity_constraint, rows=ent_rows)
+        self.relation_opt.step(relation, plan.relation_ids, rel_grad, constrain=self._relation_constraint,
+                               rows=rel_rows)
         return loss
 
     def train_epoch(self) -> float:
@@ -149,13 +183,3 @@ class LocalTrainer:
         self.relation_opt.load_state_dict(state["relation_opt"])
         self.batches.load_state_dict(state["batches"])
         self.generator.set_state(state["generator"])
-
-
-def _constrain_rows(model: KGEModel, entity_ids: torch.Tensor, relation_ids: torch.Tensor) -> None:
-    """Apply the model's constraints to the rows a step touched (the others did not move)."""
-    rows = model.entity.data[entity_ids]
-    model.interaction.constrain_entity_(rows)
-    model.entity.data[entity_ids] = rows
-    rows = model.relation.data[relation_ids]
-    model.interaction.constrain_relation_(rows)
-    model.relation.data[relation_ids] = rows
