@@ -57,7 +57,9 @@ def start_ray(dist: DistConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # joins that cluster; it has its own CPUs, so no num_cpus here (Ray would refuse it)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(dist.num_parts * dist.cpus_per_trainer)), include_dashboard=False)
+        # address="local": a new instance, never a cluster some earlier `ray start` left running here
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(dist.num_parts * dist.cpus_per_trainer)),
+                 include_dashboard=False)
     need, have = dist.num_parts * dist.cpus_per_trainer, ray.cluster_resources().get("CPU", 0)
     if need > have:
         ray.shutdown()

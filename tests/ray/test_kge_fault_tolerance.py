@@ -103,6 +103,11 @@ def train(kg, dist, epochs, kill_epoch=None):
                 killer.join(timeout=60)
         snap = sharded.snapshot()
         mrr = evaluate(sharded.model(snap), kg.test, [kg.all_triples()], kg.num_relations).mrr
+        import ray
+
+        # every trainer went through exactly `epochs` full passes over its partition: none skipped, none doubled
+        positions = [ray.get(t.state_dict.remote())["batches"] for t in sharded.trainers]
+        assert all(p["epoch"] == epochs and p["offset"] == 0 for p in positions), positions
         return snap, mrr, sharded.num_recoveries
     finally:
         sharded.shutdown()
@@ -124,12 +129,14 @@ def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations):
 
 
 def test_killed_shard_async_run_completes_with_same_quality(ray_local):
-    """Async runs are not reproducible (push interleaving), so quality is compared, not bits: two undisturbed
-    runs of this setup differed by 0.0056 MRR when measured, and the recovered run must stay within 0.02.
-    The 0.005 criterion itself is met exactly (difference 0) by the sync-mode test above."""
+    """Async runs are not reproducible (push interleaving), so quality is compared, not bits. Undisturbed
+    runs of this short setup differed by 0.006 to 0.03 MRR when measured here (still climbing steeply after
+    4 epochs), so the bound is 0.05; the 0.005 criterion itself is met exactly (difference 0) by the
+    sync-mode test above, where a killed run is bit-identical to an undisturbed one."""
     umls = load_dataset("umls")
     dist = DistConfig(num_parts=2, mode="async", staleness=1)
     _, clean_mrr, _ = train(umls, dist, epochs=4)
     _, hit_mrr, recoveries = train(umls, dist, epochs=4, kill_epoch=1)
     assert recoveries == 1
-    assert abs(hit_mrr - clean_mrr) <= 0.02, (clean_mrr, hit_mrr)
+    assert hit_mrr > 0.3  # an untrained model scores about 0.05
+    assert abs(hit_mrr - clean_mrr) <= 0.05, (clean_mrr, hit_mrr)
