@@ -26,12 +26,12 @@ def run_demo(*overrides: str, env: dict | None = None) -> subprocess.CompletedPr
 @pytest.mark.slow
 def test_demo_trains_evaluates_and_versions_the_kg(tmp_path):
     run_dir = str(tmp_path / "run")
-    first = run_demo("data.dataset=nations", "train.epochs=10", "model.dim=32", f"run_dir={run_dir}", "num_mined=5")
+    first = run_demo("data.dataset=nations", "train.epochs=10", "train.model.dim=32", f"run_dir={run_dir}", "num_mined=5")
     assert first.returncode == 0, first.stderr
     assert "nations: 14 entities, 55 relations" in first.stdout
     assert "test (filtered, realistic): mrr" in first.stdout
     metrics = json.loads(Storage(run_dir).read_text("metrics-v1.json"))
-    assert metrics["test"]["both.mrr"] > 0.4  # a random TransE on Nations scores about 0.29
+    assert metrics["test"]["both.mrr"] > 0.4  # a random model on Nations scores about 0.29
     second = run_demo("data.dataset=nations", "train.epochs=1", f"run_dir={run_dir}", "num_mined=3")
     assert second.returncode == 0, second.stderr
     store = KGStore(Storage(run_dir).child("kg"))
@@ -52,7 +52,7 @@ def test_demo_on_s3(s3_url):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.epochs=0", "train.epochs must be >= 1"), ("trian.epochs=3", "did you mean 'train'"),
+    [("train.batch_size=0", "batch_size must be >= 1"), ("trian.epochs=3", "did you mean 'train'"),
      ("data.unknown=ignore", "data.unknown")],
 )
 def test_bad_config_fails_before_any_work(tmp_path, override, message):
