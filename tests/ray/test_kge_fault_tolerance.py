@@ -10,20 +10,11 @@ import torch
 
 from bikd.eval import evaluate
 from bikd.kg.datasets import load_dataset
-from bikd.kge.losses import LossConfig
-from bikd.kge.models import ModelConfig
-from bikd.kge.optim import SparseOptimConfig
-from bikd.kge.sampling import NegativeSamplerConfig
-from bikd.kge.training import KGETrainConfig
 from bikd.ray.kge import DistConfig, ShardedKGE
+from kge_configs import cfg
 from bikd.storage import Storage
 
 pytestmark = pytest.mark.slow
-
-
-def cfg(batch_size=200) -> KGETrainConfig:
-    return KGETrainConfig(model=ModelConfig(name="distmult", dim=16), loss=LossConfig(name="logistic"), batch_size=batch_size,
-                          sampler=NegativeSamplerConfig(num_negatives=16, chunk_size=50), optimizer=SparseOptimConfig(lr=0.1))
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,8 @@ import os
 import pytest
 
 from bikd.kg.datasets import load_dataset
-from bikd.kge.losses import LossConfig
-from bikd.kge.models import ModelConfig
-from bikd.kge.optim import SparseOptimConfig
-from bikd.kge.sampling import NegativeSamplerConfig
-from bikd.kge.training import KGETrainConfig
 from bikd.ray.kge import DistConfig, ShardedKGE
-
-
-def cfg() -> KGETrainConfig:
-    return KGETrainConfig(model=ModelConfig(name="distmult", dim=16), loss=LossConfig(name="logistic"), batch_size=200,
-                          sampler=NegativeSamplerConfig(num_negatives=16, chunk_size=50), optimizer=SparseOptimConfig(lr=0.1))
+from kge_configs import cfg
 
 
 @pytest.mark.slow

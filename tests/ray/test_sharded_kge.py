@@ -7,18 +7,9 @@ import torch
 
 from bikd.eval import evaluate
 from bikd.kg.datasets import load_dataset
-from bikd.kge.losses import LossConfig
-from bikd.kge.models import ModelConfig
-from bikd.kge.optim import SparseOptimConfig
-from bikd.kge.sampling import NegativeSamplerConfig
-from bikd.kge.training import KGETrainConfig, LocalTrainer
+from bikd.kge.training import LocalTrainer
 from bikd.ray.kge import DistConfig, ShardedKGE
-
-
-def cfg(**kw) -> KGETrainConfig:
-    base = dict(model=ModelConfig(name="distmult", dim=16), loss=LossConfig(name="logistic"), batch_size=200,
-                sampler=NegativeSamplerConfig(num_negatives=16, chunk_size=50), optimizer=SparseOptimConfig(lr=0.1))
-    return KGETrainConfig(**{**base, **kw})
+from kge_configs import cfg
 
 
 @pytest.fixture(scope="module")
