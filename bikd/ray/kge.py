@@ -1,15 +1,18 @@
 """Sharded KG-embedding training on Ray actors, DGL-KE style.
 
-- ``EmbeddingShard`` actors own the entity rows of one METIS partition (one more owns the relations) with
-  their sparse optimiser state, and answer ``pull``/``push`` messages (DGL-KE's KVStore).
-- One ``KGETrainer`` actor per partition draws local mini-batches and joint negatives, pulls the rows it
-  needs (one call per shard per step), computes gradients with the pure-torch step, and pushes them.
-- Each trainer is placed on its shard's node (node-affinity scheduling), so the partition-local rows METIS
-  keeps together are pulled through the node's object store rather than over the network.
+- One ``KGETrainer`` actor per METIS partition owns that partition's entity rows with their sparse
+  optimiser state (it is the partition's embedding shard: DGL-KE's KVStore server and trainer in one
+  process, so the partition-local part of every step never leaves it) and trains on the triples whose
+  head it owns. Rows of other partitions are pulled from their owners and the gradients pushed back, one
+  call per remote partition per step. With ``negatives="local"`` the negatives are drawn from the partition's own entities
+  (PyTorch-BigGraph's setting), so only the cut edges' tails travel; the default draws them from all
+  entities, as a single process does (local negatives cost quality on small graphs).
+- An ``EmbeddingShard`` actor owns the relation table and its optimiser state.
+- Each trainer is placed on a node of its own (node-affinity scheduling); the relation shard sits on the first.
 
-Modes: ``async`` (default) lets every trainer run its epoch freely with at most ``staleness`` pushes in
-flight; ``sync`` runs lock-step rounds driven by the driver (every trainer pulls the same state, then the
-pushes are applied in trainer order), which makes runs bit-for-bit reproducible.
+Modes: ``async`` (default) lets every trainer run its epoch freely with at most ``staleness`` steps'
+pushes in flight; ``sync`` runs lock-step rounds driven by the driver (every trainer computes on the same
+state, then the updates are applied in trainer order), which makes runs bit-for-bit reproducible.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +35,7 @@ from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
 from bikd.kge.training import KGETrainConfig, plan_step, step_gradients
-from bikd.ray.messages import PullRequest, PushGrads, Rows, Snapshot
+from bikd.ray.messages import PullRequest, PushGrads, Rows, Snapshot, array, tensor
 from bikd.storage import Storage
 
 
@@ -45,6 +49,8 @@ class DistConfig:
     cpus_per_trainer: float = 1.0
     #: actor failures survived (each restarts the epoch from its start) before the run gives up
     max_recoveries: int = 3
+    #: "local": negatives from the trainer's own partition (never travel); "global": from all entities
+    negatives: Literal["local", "global"] = "global"
 
     def __post_init__(self):
         if self.num_parts < 1:
@@ -53,6 +59,8 @@ class DistConfig:
             raise ValueError(f"dist.mode must be 'async' or 'sync', got {self.mode!r}")
         if self.staleness < 0:
             raise ValueError(f"dist.staleness must be >= 0, got {self.staleness}")
+        if self.negatives not in ("local", "global"):
+            raise ValueError(f"dist.negatives must be 'local' or 'global', got {self.negatives!r}")
         if not self.cpus_per_trainer >= 0:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
@@ -65,13 +73,13 @@ class EmbeddingShard:
         self.state = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), kind)
 
     def pull(self, msg: PullRequest) -> Rows:
-        return Rows(version=self.state.version, rows=self.state.pull(msg.ids))
+        return Rows(version=self.state.version, rows=array(self.state.pull(tensor(msg.ids))))
 
     def push(self, msg: PushGrads) -> int:
-        return self.state.push(msg.ids, msg.grads)
+        return self.state.push(tensor(msg.ids), tensor(msg.grads))
 
     def rows(self) -> Rows:
-        return Rows(version=self.state.version, rows=self.state.table.clone())
+        return Rows(version=self.state.version, rows=array(self.state.table.clone()))
 
     def state_dict(self) -> dict:
         return self.state.state_dict()
@@ -90,95 +98,148 @@ class EmbeddingShard:
         self.state.load_state_dict(_load(storage, rel, sha256))
 
 
-@ray.remote(max_restarts=-1)
+@ray.remote(max_restarts=-1, max_concurrency=8)
 class KGETrainer:
-    """Trains on one partition's triples against the shards; see the module docstring."""
+    """Trains on one partition's triples; also the embedding shard of that partition's entity rows.
+
+    The rows (with their optimiser state) live in this process, so the partition-local part of a step
+    (METIS keeps most of it local) is an in-process gather and update; only the rows owned by other
+    partitions and the relations travel, one call per remote shard per step. The actor is threaded:
+    peers' ``pull``/``push`` are served while ``run_epoch`` runs, under a lock on the rows.
+    """
 
     def __init__(self, part: int, triples: torch.Tensor, num_entities: int, entity_owner: torch.Tensor,
-                 cfg: KGETrainConfig, shards: list, relation_shard, staleness: int):
+                 table: torch.Tensor, cfg: KGETrainConfig, relation_shard, dist: DistConfig):
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.part, self.triples, self.cfg = part, triples, cfg
-        self.owner, self.shards, self.relation_shard, self.staleness = entity_owner, shards, relation_shard, staleness
+        self.part, self.triples, self.cfg, self.owner = part, triples, cfg, entity_owner
+        self.relation_shard, self.staleness, self.peers = relation_shard, dist.staleness, {}
+        ids = (entity_owner == part).nonzero().flatten()
+        self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
+        self.lock = threading.Lock()
         self.interaction = build_interaction(cfg.model)
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
+        # local negatives (PyTorch-BigGraph): drawn from this partition's entities, so they never travel
+        self.negative_ids = ids if dist.negatives == "local" else None
+        pool = num_entities if self.negative_ids is None else len(ids)
         degrees = degrees_from_triples(triples, num_entities) if cfg.sampler.distribution == "degree" else None
-        self.sampler = NegativeSampler(cfg.sampler, num_entities, degrees)
+        if degrees is not None and self.negative_ids is not None:
+            degrees = degrees[ids]
+        self.sampler = NegativeSampler(cfg.sampler, pool, degrees)
         self.batches = BatchIterator(len(triples), cfg.batch_size, seed)
-        self.step_count, self.target_epoch = 0, 0
+        self.step_count, self.target_epoch, self.pending = 0, 0, []
+
+    def connect(self, peers: list) -> None:
+        """Handles of every partition's trainer (the owners of the other entity rows)."""
+        self.peers = {p: peer for p, peer in enumerate(peers) if p != self.part}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    # --- the embedding-shard side: thin wrappers around ShardState --------------------------------------
+    def pull(self, msg: PullRequest) -> Rows:
+        with self.lock:
+            return Rows(version=self.shard.version, rows=array(self.shard.pull(tensor(msg.ids))))
+
+    def push(self, msg: PushGrads) -> int:
+        with self.lock:
+            return self.shard.push(tensor(msg.ids), tensor(msg.grads))
+
+    def rows(self) -> Rows:
+        with self.lock:
+            return Rows(version=self.shard.version, rows=array(self.shard.table.clone()))
+
+    # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
         self.target_epoch = self.batches.epoch
         return len(self.triples)
 
-    def _pull(self, ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """Rows of ``ids`` from their owning shards: one call per shard, results put back in ids' order."""
-        groups = [(s, (owner == s).nonzero().flatten()) for s in owner.unique().tolist()]
-        refs = [self.shards[s].pull.remote(PullRequest(version=self.step_count, ids=ids[pos])) for s, pos in groups]
-        rows = None
-        for (s, pos), got in zip(groups, ray.get(refs)):
-            if rows is None:
-                rows = torch.empty(len(ids), got.rows.shape[1], dtype=got.rows.dtype)
-            rows[pos] = got.rows
-        return rows
-
-    def compute(self) -> tuple[float, int, list] | None:
-        """One step up to the gradients: (loss, batch size, [(target, PushGrads)]); None once the epoch is done."""
+    def compute(self) -> float | None:
+        """One step up to the gradients, which wait in ``self.pending`` for ``apply``; None once the epoch is done."""
         if self.batches.epoch != self.target_epoch:
             return None
         batch = self.triples[self.batches.next_batch()]
         neg = self.sampler.sample_batch(len(batch), self.generator)
+        if self.negative_ids is not None:
+            neg = neg._replace(negatives=self.negative_ids[neg.negatives])
         plan = plan_step(batch, neg)
         owner = self.owner[plan.entity_ids]
-        rel_rows = self.relation_shard.pull.remote(PullRequest(version=self.step_count, ids=plan.relation_ids))
-        ent_rows = self._pull(plan.entity_ids, owner)
-        loss, ent_grad, rel_grad = step_gradients(self.interaction, plan, neg, ent_rows, ray.get(rel_rows).rows,
+        groups = [(s, (owner == s).nonzero().flatten()) for s in owner.unique().tolist()]
+        version = self.step_count
+        rel_ref = self.relation_shard.pull.remote(PullRequest(version=version, ids=array(plan.relation_ids)))
+        remote = [(pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos]))))
+                  for s, pos in groups if s != self.part]
+        ent_rows = torch.empty(len(plan.entity_ids), self.shard.table.shape[1])
+        for s, pos in groups:
+            if s == self.part:
+                with self.lock:
+                    ent_rows[pos] = self.shard.pull(plan.entity_ids[pos])
+        for pos, ref in remote:
+            ent_rows[pos] = tensor(ray.get(ref).rows)
+        loss, ent_grad, rel_grad = step_gradients(self.interaction, plan, neg, ent_rows, tensor(ray.get(rel_ref).rows),
                                                   self.cfg.loss, self.cfg.regularizer)
         self.step_count += 1
-        pushes = [(self.relation_shard, PushGrads(step=self.step_count, source=self.part, ids=plan.relation_ids, grads=rel_grad))]
-        for s in owner.unique().tolist():
-            pos = (owner == s).nonzero().flatten()
-            pushes.append((self.shards[s], PushGrads(step=self.step_count, source=self.part,
-                                                     ids=plan.entity_ids[pos], grads=ent_grad[pos])))
-        return loss, len(batch), pushes
+        self.pending = [(self.relation_shard, PushGrads(step=self.step_count, source=self.part,
+                                                        ids=array(plan.relation_ids), grads=array(rel_grad)))]
+        for s, pos in groups:
+            msg = PushGrads(step=self.step_count, source=self.part, ids=array(plan.entity_ids[pos]),
+                            grads=array(ent_grad[pos]))
+            self.pending.append((None if s == self.part else self.peers[s], msg))
+        return loss
+
+    def apply(self) -> list:
+        """Send the last step's gradients: local rows updated here, remote ones pushed; returns their refs."""
+        refs = []
+        for target, msg in self.pending:
+            if target is None:
+                self.push(msg)
+            else:
+                refs.append(target.push.remote(msg))
+        self.pending = []
+        return refs
+
+    def apply_sync(self) -> None:
+        ray.get(self.apply())
 
     def run_epoch(self) -> dict:
         """Async mode: the whole local epoch with at most ``staleness`` steps' pushes in flight."""
         self.begin_epoch()
-        start, losses, pending = time.perf_counter(), [], []
+        start, losses, in_flight = time.perf_counter(), [], []
         try:
-            while (result := self.compute()) is not None:
-                loss, _, pushes = result
+            while (loss := self.compute()) is not None:
                 losses.append(loss)
-                pending.append([target.push.remote(msg) for target, msg in pushes])
-                while len(pending) > self.staleness:
-                    ray.get(pending.pop(0))
+                in_flight.append(self.apply())
+                while len(in_flight) > self.staleness:
+                    ray.get(in_flight.pop(0))
         finally:
-            # even when a shard died: no push of this epoch may land after the driver restores the shards
-            ray.wait([ref for refs in pending for ref in refs], num_returns=sum(map(len, pending)))
-        for refs in pending:
+            # even when a peer died: no push of this epoch may land after the driver restores the shards
+            refs = [ref for step in in_flight for ref in step]
+            ray.wait(refs, num_returns=len(refs))
+        for refs in in_flight:
             ray.get(refs)
         return {"part": self.part, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
                 "triples": len(self.triples), "seconds": time.perf_counter() - start}
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state(), "step": self.step_count,
-                "target_epoch": self.target_epoch}
+        with self.lock:
+            shard = self.shard.state_dict()
+        return {"shard": shard, "batches": self.batches.state_dict(), "generator": self.generator.get_state(),
+                "step": self.step_count, "target_epoch": self.target_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self.lock:
+            self.shard.load_state_dict(state["shard"])
+        self.batches.load_state_dict(state["batches"])
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step"])
+        self.target_epoch = int(state["target_epoch"])
+        self.pending = []
 
     def save(self, storage: Storage, rel: str) -> str:
         return _save(storage, rel, self.state_dict())
 
     def restore(self, storage: Storage, rel: str, sha256: str) -> None:
         self.load_state_dict(_load(storage, rel, sha256))
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state["batches"])
-        self.generator.set_state(state["generator"])
-        self.step_count = int(state["step"])
-        self.target_epoch = int(state["target_epoch"])
 
 
 def _save(storage: Storage, rel: str, state: dict) -> str:
@@ -213,29 +274,32 @@ class ShardedKGE:
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
         self.node_of_part = [nodes[p % len(nodes)] for p in range(dist.num_parts)]
         self.entity_ids = [self.partitioning.entities_of(p) for p in range(dist.num_parts)]
-        self.shards = [
-            EmbeddingShard.options(scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
-                ids, init.entity.detach()[ids], cfg, "entity")
-            for p, ids in enumerate(self.entity_ids)
-        ]
         self.relation_shard = EmbeddingShard.options(scheduling_strategy=_node_strategy(nodes[0])).remote(
             torch.arange(num_relations), init.relation.detach(), cfg, "relation")
         owner = self.partitioning.entity_part
         # keep the actors' constructor arguments referenced: a restarted actor is rebuilt from them
-        self._init_args = [ray.put(triples[self.partitioning.triples_of(p)]) for p in range(dist.num_parts)]
+        self._init_args = [(ray.put(triples[self.partitioning.triples_of(p)]), ray.put(init.entity.detach()[ids]))
+                           for p, ids in enumerate(self.entity_ids)]
         self.trainers = [
             KGETrainer.options(num_cpus=dist.cpus_per_trainer, scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
-                p, self._init_args[p], num_entities, owner, cfg, self.shards, self.relation_shard,
-                dist.staleness)
-            for p in range(dist.num_parts)
+                p, part_triples, num_entities, owner, table, cfg, self.relation_shard, dist)
+            for p, (part_triples, table) in enumerate(self._init_args)
         ]
+        self._connect()
         self.interaction = init.interaction
         self.snapshot_version = 0
         self.epoch = 0
         self.num_recoveries = 0
 
     def _actors(self) -> list:
-        return [*self.shards, self.relation_shard, *self.trainers]
+        return [self.relation_shard, *self.trainers]
+
+    def _connect(self) -> None:
+        ray.get([t.connect.remote(self.trainers) for t in self.trainers])
+
+    def entity_shard(self, part: int):
+        """The actor holding partition ``part``'s entity rows (its trainer)."""
+        return self.trainers[part]
 
     def _capture(self) -> list[dict]:
         """Every actor's state, fetched to the driver: the restore point if an actor dies mid-epoch."""
@@ -259,6 +323,7 @@ class ShardedKGE:
                 if self.num_recoveries > self.dist.max_recoveries:
                     raise RuntimeError(f"gave up after {self.dist.max_recoveries} actor failures") from error
                 self._wait_alive()
+                self._connect()  # a restarted trainer was rebuilt from its constructor arguments alone
                 self._restore_from(restore_point)
         self.epoch += 1
         seconds = time.perf_counter() - start
@@ -324,20 +389,19 @@ class ShardedKGE:
         ray.get([t.begin_epoch.remote() for t in self.trainers])
         active, losses = list(self.trainers), []
         while active:
-            results = ray.get([t.compute.remote() for t in active])  # all pull the same state
-            active = [t for t, r in zip(active, results) if r is not None]
-            for loss, _, pushes in (r for r in results if r is not None):  # applied in trainer order
-                losses.append(loss)
-                for target, msg in pushes:
-                    ray.get(target.push.remote(msg))
+            results = ray.get([t.compute.remote() for t in active])  # all compute on the same state
+            active = [t for t, loss in zip(active, results) if loss is not None]
+            losses += [loss for loss in results if loss is not None]
+            for trainer in active:  # then the updates land, in trainer order
+                ray.get(trainer.apply_sync.remote())
         return losses
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of both tables, taken between epochs (no pushes in flight)."""
         entity = torch.empty(self.num_entities, *self.interaction_shape("entity"))
-        for ids, rows in zip(self.entity_ids, ray.get([s.rows.remote() for s in self.shards])):
-            entity[ids] = rows.rows
-        relation = ray.get(self.relation_shard.rows.remote()).rows
+        for ids, rows in zip(self.entity_ids, ray.get([t.rows.remote() for t in self.trainers])):
+            entity[ids] = tensor(rows.rows)
+        relation = tensor(ray.get(self.relation_shard.rows.remote()).rows).clone()
         self.snapshot_version += 1
         return Snapshot(version=self.snapshot_version, entity=entity, relation=relation)
 
@@ -365,5 +429,5 @@ class ShardedKGE:
         return model
 
     def shutdown(self) -> None:
-        for actor in [*self.trainers, *self.shards, self.relation_shard]:
+        for actor in self._actors():
             ray.kill(actor)

@@ -81,14 +81,14 @@ def kill_mid_epoch(sharded: ShardedKGE, victim, min_version: int) -> threading.T
     return thread
 
 
-def train(kg, dist, epochs, kill_epoch=None):
+def train(kg, dist, epochs, kill_epoch=None, kill="trainer"):
     sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(batch_size=50), dist)
     try:
         for epoch in range(epochs):
             killer = None
             if epoch == kill_epoch:
-                version = ray_version(sharded.shards[0])
-                killer = kill_mid_epoch(sharded, sharded.shards[0], version + 8)
+                victim = sharded.entity_shard(0) if kill == "trainer" else sharded.relation_shard
+                killer = kill_mid_epoch(sharded, victim, ray_version(victim) + 8)
             sharded.train_epoch()
             if killer is not None:
                 killer.join(timeout=60)
@@ -110,10 +110,12 @@ def ray_version(actor) -> int:
     return ray.get(actor.rows.remote()).version
 
 
-def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations):
+@pytest.mark.parametrize("kill", ["trainer", "relation_shard"])
+def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations, kill):
+    """A trainer holds its partition's entity rows, so killing it kills an entity shard too."""
     dist = DistConfig(num_parts=2, mode="sync")
     clean, clean_mrr, _ = train(nations, dist, epochs=3)
-    hit, hit_mrr, recoveries = train(nations, dist, epochs=3, kill_epoch=1)
+    hit, hit_mrr, recoveries = train(nations, dist, epochs=3, kill_epoch=1, kill=kill)
     assert recoveries == 1  # the kill landed mid-epoch and the epoch was redone
     assert torch.equal(clean.entity, hit.entity) and torch.equal(clean.relation, hit.relation)
     assert hit_mrr == clean_mrr
