@@ -18,6 +18,11 @@ DATA_DIR = Path(os.environ.get("BIKD_DATA_DIR", Path(__file__).resolve().parents
 
 
 def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); $BIKD_COMMIT where there is no .git
+    (a copy of the tree on another machine)."""
+    if os.environ.get("BIKD_COMMIT"):
+        return os.environ["BIKD_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
 
@@ -50,9 +55,11 @@ def gemm_gflops(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def write_result(name: str, metrics: dict[str, float], details: dict | None = None, suffix: str = "") -> Path:
+def write_result(name: str, metrics: dict[str, float], details: dict | None = None, suffix: str = "",
+                 out_dir: Path | None = None) -> Path:
     assert all(isinstance(v, (int, float)) for v in metrics.values()), "metrics must be a flat name -> number map"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "commit": commit(),
@@ -61,6 +68,6 @@ def write_result(name: str, metrics: dict[str, float], details: dict | None = No
         "metrics": metrics,
         "details": details or {},
     }
-    path = RESULTS / f"{name}{suffix}.json"
+    path = out_dir / f"{name}{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -110,17 +110,24 @@ class Ranks:
         return 0.5 * (self.optimistic + self.pessimistic)
 
 
+def _device_of(model) -> torch.device:
+    """Where the model's tables live (scores are computed there); CPU for parameter-less models."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    return next(params, torch.empty(0)).device
+
+
 @torch.no_grad()
 def rank_side(
     model: LinkPredictor, triples: torch.Tensor, side: Side, index: FilterIndex, batch_size: int, compile: bool = False
 ) -> Ranks:
     """Filtered optimistic/pessimistic ranks of the true ``side`` entity of each triple."""
     count = _compiled_counts() if compile else _counts
+    device = _device_of(model)
     score_t = getattr(model, "ranking_scores_t", model.score_t)
     score_h = getattr(model, "ranking_scores_h", model.score_h)
     opt, pes = [], []
     for start in range(0, len(triples), batch_size):
-        h, r, t = triples[start : start + batch_size].long().unbind(1)
+        h, r, t = triples[start : start + batch_size].long().to(device).unbind(1)
         if side == "tail":
             scores, true, keys = score_t(h, r), t, h * index.num_relations + r
         else:
@@ -128,14 +135,14 @@ def rank_side(
         assert scores.shape == (len(h), model.num_entities), f"model returned scores of shape {tuple(scores.shape)}"
         true_score = scores.gather(1, true[:, None])  # (B, 1)
         greater, not_smaller = count(scores, true_score)
-        rows, ents = index.gather(keys)
+        rows, ents = (x.to(device) for x in index.gather(keys.cpu()))
         keep = ents != true[rows]  # the true entity itself stays in the comparison
         rows, ents = rows[keep], ents[keep]
         known = scores[rows, ents]
         greater -= torch.zeros_like(greater).index_add_(0, rows, (known > true_score[rows, 0]).long())
         not_smaller -= torch.zeros_like(not_smaller).index_add_(0, rows, (known >= true_score[rows, 0]).long())
-        opt.append(greater.double() + 1)
-        pes.append(not_smaller.double())
+        opt.append(greater.double().cpu() + 1)
+        pes.append(not_smaller.double().cpu())
     return Ranks(torch.cat(opt), torch.cat(pes))
 
 

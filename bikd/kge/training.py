@@ -98,7 +98,7 @@ def step_gradients(
     num_chunks, chunk = neg.index.shape
     num_neg = plan.negatives.shape[1]
     flat = neg.index.flatten()
-    if len(flat) == len(plan.h) and torch.equal(flat, torch.arange(len(flat))):
+    if len(flat) == len(plan.h) and torch.equal(flat, torch.arange(len(flat), device=flat.device)):
         h_pos, r_pos, t_pos = plan.h, plan.r, plan.t  # no padding: the chunks are the batch in order
     else:
         h_pos, r_pos, t_pos = plan.h.index_select(0, flat), plan.r.index_select(0, flat), plan.t.index_select(0, flat)
@@ -137,15 +137,20 @@ def step_gradients(
 
 
 class LocalTrainer:
-    """Single-process sLCWA trainer on full in-process tables: the reference the sharded trainers match."""
+    """Single-process sLCWA trainer on full in-process tables: the reference the sharded trainers match.
 
-    def __init__(self, triples: torch.Tensor, num_entities: int, num_relations: int, cfg: KGETrainConfig):
-        self.cfg, self.triples = cfg, triples
+    On another ``device`` (a GPU) the tables and optimiser state live there; batches and negatives are
+    still drawn on the CPU (the same draws as on CPU) and moved over, a few KB per step."""
+
+    def __init__(self, triples: torch.Tensor, num_entities: int, num_relations: int, cfg: KGETrainConfig,
+                 device: str | torch.device = "cpu"):
+        self.cfg, self.triples, self.device = cfg, triples, torch.device(device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, num_entities, num_relations)
+        self.model = build_model(cfg.model, num_entities, num_relations).to(self.device)
         self.model.requires_grad_(False)  # gradients come from step_gradients, not autograd on the tables
-        self.entity_opt = build_sparse_optimizer(cfg.optimizer, num_entities, self.model.entity.shape[1])
-        self.relation_opt = build_sparse_optimizer(cfg.optimizer, num_relations, self.model.relation.shape[1])
+        dims = self.model.entity.shape[1], self.model.relation.shape[1]
+        self.entity_opt = build_sparse_optimizer(cfg.optimizer, num_entities, dims[0], device=self.device)
+        self.relation_opt = build_sparse_optimizer(cfg.optimizer, num_relations, dims[1], device=self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         degrees = degrees_from_triples(triples, num_entities) if cfg.sampler.distribution == "degree" else None
         self.sampler = NegativeSampler(cfg.sampler, num_entities, degrees)
@@ -157,6 +162,11 @@ class LocalTrainer:
         model = self.model
         neg = self.sampler.sample_batch(len(batch), self.generator)
         plan = plan_step(self.triples.index_select(0, batch), neg)
+        if self.device.type != "cpu":
+            plan = StepPlan(*(x.to(self.device, non_blocking=True) for x in plan))
+            neg = NegativeBatch(*(x.to(self.device, non_blocking=True) for x in neg))
+            weights = None if weights is None else weights.to(self.device)
+            labels = None if labels is None else labels.to(self.device)
         entity, relation = model.entity.data, model.relation.data
         ent_rows, rel_rows = entity.index_select(0, plan.entity_ids), relation.index_select(0, plan.relation_ids)
         loss, ent_grad, rel_grad = step_gradients(model.interaction, plan, neg, ent_rows, rel_rows, self.cfg.loss,
