@@ -60,7 +60,7 @@ class KGEModel(nn.Module):
 
     Scores are higher-is-better. ``score_t``/``score_h`` are exact and differentiable; ``ranking_scores_t/h``
     only preserve the order within each row (what :mod:`bikd.eval.ranking` needs) and carry no gradient
-    through the cached entity norms, so they are for evaluation only.
+    through the entity norms, so they are for evaluation only.
     """
 
     def __init__(self, interaction: Interaction, num_entities: int, num_relations: int, dim: int,
@@ -117,14 +117,11 @@ class KGEModel(nn.Module):
         return pairwise(similarity, q, self.entity)
 
     def _entity_sq_norms(self) -> Tensor:
-        """(num_entities, 1) of ||e||^2, recomputed only when the table changed (optimiser steps and
-        load_state_dict bump the tensor's version counter), so ranking a test set computes it once."""
-        key = (self.entity.data_ptr(), self.entity._version)
-        if getattr(self, "_sq_norm_key", None) != key:
-            with torch.no_grad():
-                self._sq_norms = self.entity.detach().pow(2).sum(1, keepdim=True)
-            self._sq_norm_key = key
-        return self._sq_norms
+        """(num_entities, 1) of ||e||^2. Recomputed on every call: trainers update the table in place
+        through ``.data`` (which bumps no version counter a cache could key on), and it costs one pass
+        over the table against the batch's (B x E x d) product."""
+        with torch.no_grad():
+            return self.entity.detach().pow(2).sum(1, keepdim=True)
 
     def constrain_(self) -> None:
         """Apply the interaction's constraints in place; the training loop calls this after every optimiser

@@ -108,3 +108,22 @@ def test_resume_is_bit_identical(nations):
 def test_bad_train_config():
     with pytest.raises(ValueError, match="batch_size"):
         small_cfg(batch_size=0)
+
+
+def test_evaluation_sees_in_place_updates(nations):
+    """The trainer updates the tables in place through ``.data``; an evaluation after more training must
+    score with the new rows and their new norms (a cache of RotatE's entity norms once went stale here)."""
+    import copy
+
+    cfg = KGETrainConfig(model=ModelConfig(name="rotate", dim=8), loss=LossConfig(name="self_adversarial", margin=3.0),
+                         sampler=NegativeSamplerConfig(num_negatives=8, chunk_size=32), batch_size=64)
+    trainer = LocalTrainer(nations.train, nations.num_entities, nations.num_relations, cfg)
+    known = [nations.all_triples()]
+    evaluate(trainer.model, nations.valid, known, nations.num_relations)
+    for _ in range(3):
+        trainer.train_epoch()
+    h, r = nations.valid[:, 0], nations.valid[:, 1]
+    fresh = copy.deepcopy(trainer.model)
+    assert torch.equal(trainer.model.ranking_scores_t(h, r), fresh.ranking_scores_t(h, r))
+    assert evaluate(trainer.model, nations.valid, known, nations.num_relations).mrr == \
+        evaluate(fresh, nations.valid, known, nations.num_relations).mrr
