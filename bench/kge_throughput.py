@@ -156,16 +156,45 @@ def bikd_local_throughput(kg, args, negatives: int, threads: int) -> dict:
     return {"pos_per_s": statistics.median(rates), "threads": threads, "runs_pos_per_s": rates}
 
 
-def bikd_ray_throughput(kg, args, negatives: int, parts: int) -> dict:
+def bikd_ray_throughput(kg, args, negatives: int, parts: int, negatives_from: str = "global") -> dict:
     from bikd.ray.kge import DistConfig, ShardedKGE
 
-    sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, negatives),
-                         DistConfig(num_parts=parts, mode="async"))
+    # the machine's 2 CPUs split between the trainers (one trainer gets both, as LocalTrainer does)
+    dist = DistConfig(num_parts=parts, mode="async", negatives=negatives_from, cpus_per_trainer=2 / parts)
+    sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, negatives), dist)
     try:
         epochs = [sharded.train_epoch()["triples_per_s"] for _ in range(1 + args.ray_epochs)]
     finally:
         sharded.shutdown()
     return {"pos_per_s": statistics.median(epochs[1:]), "warmup_epoch_pos_per_s": epochs[0], "epochs_pos_per_s": epochs[1:]}
+
+
+def ray_only(kg, args) -> None:
+    """``--ray-only``: the Ray path against the in-process trainer it wraps, in one run (no PyKEEN)."""
+    import ray
+
+    negs = [int(k) for k in args.negatives.split(",")]
+    metrics, runs = {}, {}
+    for k in negs:
+        r = runs[f"local_{k}neg"] = bikd_local_throughput(kg, args, k, 2)
+        metrics[f"local_pos_per_s_{k}neg"] = r["pos_per_s"]
+        print(f"bikd LocalTrainer {k:3d} neg: {r['pos_per_s']:9,.0f} pos/s", flush=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for k in negs:
+            for parts, neg_from in ((1, "global"), (2, "global"), (2, "local")):
+                name = f"ray_{parts}trainer{'s' if parts > 1 else ''}{'_local_neg' if neg_from == 'local' else ''}"
+                r = runs[f"{name}_{k}neg"] = bikd_ray_throughput(kg, args, k, parts, neg_from)
+                metrics[f"{name}_pos_per_s_{k}neg"] = r["pos_per_s"]
+                metrics[f"{name}_vs_local_{k}neg"] = r["pos_per_s"] / metrics[f"local_pos_per_s_{k}neg"]
+                print(f"bikd {name} {k:3d} neg: {r['pos_per_s']:9,.0f} pos/s", flush=True)
+    finally:
+        ray.shutdown()
+    details = {"workload": "as kge_throughput (TransE-L2 dim 200, batch 1024, FB15k-237), async Ray path with P "
+                           "trainers on ray.init(num_cpus=2), 2/P CPUs (torch threads) each; local = LocalTrainer "
+                           "at 2 threads; 'local_neg' draws negatives from the trainer's own partition",
+               "runs": runs, "load_average_1min_end": os.getloadavg()[0]}
+    print(write_result("kge_throughput_ray", metrics, details))
 
 
 def bikd_quality(kg, args, negatives: int, threads: int) -> dict:
@@ -227,12 +256,16 @@ def main() -> None:
     p.add_argument("--quality-epochs", type=int, default=2, help="0 skips the MRR comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: short time boxes, no Ray, no quality")
+    p.add_argument("--ray-only", action="store_true", help="only the Ray path against LocalTrainer -> kge_throughput_ray.json")
     args = p.parse_args()
     if args.quick:
         args.pykeen_seconds, args.steps, args.reps, args.ray_epochs, args.quality_epochs = 3.0, 20, 2, 0, 0
         args.min_pykeen_batches = 3
 
     kg = load_dataset("fb15k237", path=args.data_dir)
+    if args.ray_only:
+        ray_only(kg, args)
+        return
     negs = [int(k) for k in args.negatives.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     load_start = os.getloadavg()[0]

@@ -219,16 +219,17 @@ class TransEInteraction(Interaction):
     """TransE (Bordes et al., 2013): ``f(h, r, t) = -||h + r - t||_p``, p in {1, 2}.
 
     Shapes: h, r, t ``(*batch, d)`` real. Queries: tail ``h + r``, head ``t - r`` (since
-    ``||h + r - t|| = ||h - (t - r)||``). Entities are projected back onto the unit sphere after each
-    step (Bordes et al.); init is theirs: uniform in +-6/sqrt(d), relations then normalised.
+    ``||h + r - t|| = ||h - (t - r)||``). With ``normalize`` (default) entities are projected back onto
+    the unit sphere after each step (Bordes et al.); init is theirs: uniform in +-6/sqrt(d), relations then
+    normalised. Without it (DGL-KE, RotatE's TransE) entity norms are free and the margin can be large.
     """
 
     name = "transe"
 
-    def __init__(self, p: int = 2):
+    def __init__(self, p: int = 2, normalize: bool = True):
         if p not in (1, 2):
             raise ValueError(f"TransE norm p must be 1 or 2, got {p}")
-        self.p = p
+        self.p, self.normalize = p, normalize
 
     @property
     def similarity(self) -> Similarity:  # type: ignore[override]
@@ -255,11 +256,12 @@ class TransEInteraction(Interaction):
             return x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def constrain_entity_(self, x: Tensor) -> None:
-        with torch.no_grad():
-            x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.normalize:
+            with torch.no_grad():
+                x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def __repr__(self) -> str:
-        return f"TransEInteraction(p={self.p})"
+        return f"TransEInteraction(p={self.p}{'' if self.normalize else ', normalize=False'})"
 
 
 class DistMultInteraction(Interaction):
@@ -363,6 +365,8 @@ def row_constraint(interaction: Interaction, kind: str) -> Callable[[Tensor], No
     interaction has none (the base class's no-op), so that callers can skip touching the rows at all."""
     name = {"entity": "constrain_entity_", "relation": "constrain_relation_"}[kind]
     if getattr(type(interaction), name) is getattr(Interaction, name):
+        return None
+    if kind == "entity" and getattr(interaction, "normalize", True) is False:  # TransE with free norms
         return None
     return getattr(interaction, name)
 

@@ -30,6 +30,9 @@ class ModelConfig:
     dim: int = 64
     p: int = 2
     init_scale: float | None = None
+    #: TransE only: project entities onto the unit sphere after each step (Bordes et al.); False frees
+    #: their norms (DGL-KE, RotatE's TransE), which lets self-adversarial training use a large gamma
+    normalize_entities: bool = True
 
     def __post_init__(self):
         if self.name not in INTERACTIONS:
@@ -40,17 +43,20 @@ class ModelConfig:
             raise ValueError(f"model.p must be 1 or 2, got {self.p}")
         if self.p != 2 and self.name != "transe":
             raise ValueError(f"model.p applies to transe only, got p={self.p} for {self.name!r}")
+        if not self.normalize_entities and self.name != "transe":
+            raise ValueError(f"model.normalize_entities applies to transe only, got False for {self.name!r}")
         if self.init_scale is not None and not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise ValueError(f"model.init_scale must be a positive finite number, got {self.init_scale}")
 
 
 def build_interaction(cfg: ModelConfig) -> Interaction:
-    return TransEInteraction(cfg.p) if cfg.name == "transe" else INTERACTIONS[cfg.name]()
+    return TransEInteraction(cfg.p, cfg.normalize_entities) if cfg.name == "transe" else INTERACTIONS[cfg.name]()
 
 
 def build_model(cfg: ModelConfig, num_entities: int, num_relations: int) -> KGEModel:
     if cfg.name == "transe":
-        return TransE(num_entities, num_relations, cfg.dim, p=cfg.p, init_scale=cfg.init_scale)
+        return TransE(num_entities, num_relations, cfg.dim, p=cfg.p, init_scale=cfg.init_scale,
+                      normalize=cfg.normalize_entities)
     return KGEModel(build_interaction(cfg), num_entities, num_relations, cfg.dim, init_scale=cfg.init_scale)
 
 
@@ -136,8 +142,9 @@ class TransE(KGEModel):
     """TransE (Bordes et al., 2013): ``score(h, r, t) = -||e_h + w_r - e_t||_p``, tables (num_entities, dim)
     and (num_relations, dim). Kept as a class for the callers that construct it directly."""
 
-    def __init__(self, num_entities: int, num_relations: int, dim: int, p: int = 2, init_scale: float | None = None):
-        super().__init__(TransEInteraction(p), num_entities, num_relations, dim, init_scale)
+    def __init__(self, num_entities: int, num_relations: int, dim: int, p: int = 2, init_scale: float | None = None,
+                 normalize: bool = True):
+        super().__init__(TransEInteraction(p, normalize), num_entities, num_relations, dim, init_scale)
 
     @property
     def p(self) -> int:

@@ -203,3 +203,18 @@ def test_local_trainer_trains_every_model(cfg):
         assert torch.allclose(model.entity[touched].norm(dim=1), torch.ones(len(touched)), atol=1e-5)
     if cfg.name == "rotate":
         assert (model.relation.abs() <= math.pi).all()
+
+
+def test_transe_free_norms():
+    """normalize_entities=False (DGL-KE's TransE): no projection after a step, so entity norms may grow."""
+    from bikd.kge.interactions import row_constraint
+
+    free = build_model(ModelConfig(name="transe", dim=4, normalize_entities=False), 5, 2)
+    unit = build_model(ModelConfig(name="transe", dim=4), 5, 2)
+    assert row_constraint(free.interaction, "entity") is None
+    assert row_constraint(unit.interaction, "entity") is not None
+    rows = torch.full((3, 4), 2.0)
+    free.interaction.constrain_entity_(rows)
+    assert torch.equal(rows, torch.full((3, 4), 2.0))
+    with pytest.raises(ValueError, match="normalize_entities applies to transe only"):
+        ModelConfig(name="distmult", normalize_entities=False)
