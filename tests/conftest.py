@@ -56,12 +56,24 @@ def s3_url(s3_endpoint) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.fixture(scope="session")
-def fb15k237_dir() -> Path:
-    """The FB15k-237 folder of ../shared/data; CI sets BIKD_REQUIRE_DATA=1 so its absence fails there."""
-    path = DATA_DIR / "fb15k-237"
-    if not (path / "train.txt").exists():
+def _data_path(*parts: str) -> Path:
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
         if os.environ.get("BIKD_REQUIRE_DATA") == "1":
             pytest.fail(f"benchmark data not found at {path} (set BIKD_DATA_DIR)")
         pytest.skip(f"benchmark data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def data_file():
+    """``data_file("squad-v1.1", "dev-v1.1.json")``: a path under ../shared/data (or $BIKD_DATA_DIR); skips
+    when it is missing, except in CI, which sets BIKD_REQUIRE_DATA=1 so that its absence fails."""
+    return _data_path
+
+
+@pytest.fixture(scope="session")
+def fb15k237_dir() -> Path:
+    """The FB15k-237 folder of ../shared/data; CI sets BIKD_REQUIRE_DATA=1 so its absence fails there."""
+    _data_path("fb15k-237", "train.txt")
+    return DATA_DIR / "fb15k-237"

@@ -25,14 +25,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def lama_dir(fb15k237_dir):
-    """lama-trex beside fb15k-237 in the data root; CI sets BIKD_REQUIRE_DATA=1 so its absence fails."""
-    path = fb15k237_dir.parent / "lama-trex"
-    if not (path / "P19.jsonl").exists():
-        if os.environ.get("BIKD_REQUIRE_DATA") == "1":
-            pytest.fail(f"benchmark data not found at {path} (set BIKD_DATA_DIR)")
-        pytest.skip(f"benchmark data not found at {path}")
-    return path
+def lama_dir(data_file):
+    return data_file("lama-trex", "P19.jsonl").parent
 
 
 def fact(rel: str, s: int, o: int, sentence: str = "X was born in [MASK].", surface: str = "X") -> ProbeFact:

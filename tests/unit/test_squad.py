@@ -21,18 +21,11 @@ from bikd.lm.squad import (
     normalize_answer, postprocess, split_by_article,
 )
 
-DATA_ROOT = Path(os.environ.get("BIKD_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
-def squad_path() -> Path:
-    """SQuAD v1.1 dev under the data root; CI sets BIKD_REQUIRE_DATA=1 so its absence fails there."""
-    path = DATA_ROOT / "squad-v1.1" / "dev-v1.1.json"
-    if not path.exists():
-        if os.environ.get("BIKD_REQUIRE_DATA") == "1":
-            pytest.fail(f"benchmark data not found at {path} (set BIKD_DATA_DIR)")
-        pytest.skip(f"benchmark data not found at {path}")
-    return path
+def squad_path(data_file) -> Path:
+    return data_file("squad-v1.1", "dev-v1.1.json")
 
 
 @pytest.fixture(scope="module")
