@@ -1,0 +1,360 @@
+"""Distributed training of the fused LM: Ray Train's TorchTrainer runs one DeepSpeed engine per worker.
+
+Ray Train creates the process group (gloo on CPU, nccl on GPU) and DeepSpeed adopts it. Every
+``checkpoint_every`` steps each rank writes its DeepSpeed files (ZeRO-1/2: rank 0 the model states, every
+rank its optimizer partition; ZeRO-3: every rank its model and optimizer partitions) into a local folder and
+reports it; Ray Train merges the ranks' folders into one checkpoint folder under ``storage_path`` (any URL;
+s3 through s3fs). A run resumes from its latest checkpoint after a worker failure (``max_failures``) and
+when started again with the same ``name`` and ``storage_path``. At the end rank 0 exports the fused model
+(fp32 master weights gathered from every rank) with :func:`bikd.lm.train.export_fused`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from bikd.kg.datasets import DataConfig, load_from_config, load_text
+from bikd.lm.encoder import EncoderConfig
+from bikd.lm.fusion import FusionConfig
+from bikd.lm.kd import KDConfig
+from bikd.lm.model import LMConfig
+from bikd.lm.train import (KGTableConfig, StaticGraphLM, TaskConfig, build_linker, build_lm, build_task_data,
+                           default_squad_path, encoder_num_layers, evaluate_task, export_fused, load_kg_table,
+                           state_digest)
+from bikd.storage import Storage, join_url, url_exists
+
+__all__ = ["DeepSpeedConfig", "TrainConfig", "FaultConfig", "LMJobConfig", "lm_config", "deepspeed_config",
+           "ray_storage", "validate", "train_loop_per_worker", "run"]
+
+LOSSES = ("loss", "task_loss", "kd_entity_loss", "kd_relation_loss")
+TAG, META = "deepspeed", "bikd_checkpoint.json"
+
+
+@dataclass(kw_only=True, frozen=True)
+class DeepSpeedConfig:
+    """``zero_stage`` 0-3; ``bf16``: "auto" = on where the device has it (CUDA with bf16), off on CPU;
+    ``gradient_clipping``: max global grad norm (0 = off). No offload: the model fits each worker."""
+
+    zero_stage: int = 2
+    bf16: bool | Literal["auto"] = "auto"
+    gradient_clipping: float = 1.0
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"deepspeed.bf16 must be true, false or 'auto', got {self.bf16!r}")
+        if not self.gradient_clipping >= 0:
+            raise ValueError(f"deepspeed.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """``batch_size`` per worker; ``steps`` (optimizer steps) or, when null, ``epochs`` over the train rows.
+    AdamW with linear warmup over ``warmup_steps`` then linear decay to 0. ``eval_every``/``checkpoint_every``/
+    ``log_every`` in steps (eval and checkpoint also after the last step; null eval_every: only then)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    steps: int | None = None
+    epochs: int = 1
+    eval_every: int | None = None
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"train.lr must be > 0 and train.weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        for key in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("steps", "eval_every"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class FaultConfig:
+    """For tests: worker ``fail_rank`` exits hard after step ``fail_at_step``, once (it first creates the file
+    ``marker``). ``param_digest``: report the sha256 of the gathered weights (an all-gather per report)."""
+
+    fail_at_step: int | None = None
+    fail_rank: int = 1
+    marker: str | None = None
+    param_digest: bool = False
+
+    def __post_init__(self):
+        if self.fail_at_step is not None and (self.fail_at_step < 1 or not self.marker):
+            raise ValueError("debug.fail_at_step must be >= 1 and needs debug.marker (so that it fails only once)")
+
+
+@dataclass(kw_only=True, frozen=True)
+class LMJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    kg: KGTableConfig = field(default_factory=KGTableConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    #: checkpoints go to <storage_path>/<name>/; a new run with the same name resumes from the latest one
+    storage_path: str = "runs"
+    name: str = "lm_train"
+    #: fsspec options for storage_path and export_path (e.g. {endpoint_url: ...} for S3); default: AWS env vars
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: where the fused model is exported (null: <storage_path>/<name>/export)
+    export_path: str | None = None
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+    debug: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self):
+        if self.num_workers < 1 or not self.cpus_per_worker > 0:
+            raise ValueError(f"num_workers must be >= 1 and cpus_per_worker > 0, got {self.num_workers}, {self.cpus_per_worker}")
+        if not self.name or "/" in self.name or not self.storage_path:
+            raise ValueError(f"name must be a non-empty folder name without '/' and storage_path non-empty, got {self.name!r}")
+        if self.max_failures < -1 or self.keep_checkpoints < 1:
+            raise ValueError(f"max_failures must be >= -1 and keep_checkpoints >= 1, got {self.max_failures}, {self.keep_checkpoints}")
+        if self.deepspeed.bf16 is True and not self.use_gpu:
+            raise ValueError("deepspeed.bf16=true needs use_gpu=true (CPU runs are fp32; 'auto' picks per device)")
+        if self.debug.fail_at_step is not None and not 0 <= self.debug.fail_rank < self.num_workers:
+            raise ValueError(f"debug.fail_rank {self.debug.fail_rank} is not a rank of {self.num_workers} workers")
+
+
+def lm_config(cfg: LMJobConfig) -> LMConfig:
+    return LMConfig(task=cfg.task.name, num_labels=2, classifier_dropout=cfg.task.classifier_dropout,
+                    encoder=cfg.encoder, fusion=cfg.fusion, kd=cfg.kd)
+
+
+def deepspeed_config(cfg: LMJobConfig, *, total_steps: int, bf16: bool, persist_numel: int = 0) -> dict:
+    """The DeepSpeed config dict. ZeRO-3 keeps parameters of up to ``persist_numel`` elements whole on every
+    rank (StaticGraphLM's conditional modules: an all-gather issued by one rank alone would deadlock) and
+    does not prefetch (prefetching follows each rank's own trace of module calls, which may differ)."""
+    t, ds = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=max(int(1e5), persist_numel + 1), stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
+        # torch's AdamW: DeepSpeed's fused CPU Adam needs a compiled extension
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": max(1, t.warmup_steps),
+            "warmup_type": "linear", "total_num_steps": max(total_steps, 2)}},
+        "gradient_clipping": ds.gradient_clipping, "bf16": {"enabled": bf16}, "zero_optimization": zero,
+        "steps_per_print": 1 << 62, "wall_clock_breakdown": False,
+    }
+
+
+def ray_storage(url: str, storage_options: dict | None = None):
+    """RunConfig's ``(storage_path, storage_filesystem)``: a local path made absolute (workers run in their
+    own working directory), any other URL through its fsspec filesystem (s3fs: endpoint and credentials from
+    ``storage_options`` or the AWS env vars) wrapped for pyarrow, without listing caches (a resumed run must
+    see the checkpoints written since)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return os.path.abspath(path), None
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False, **(storage_options or {}))
+    return fs._strip_protocol(url).rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+
+
+def _absolute(cfg: LMJobConfig) -> LMJobConfig:
+    """Local paths as absolute paths (Ray Train workers chdir to their own folder); URLs unchanged."""
+    def fix(p):
+        return os.path.abspath(p) if p and fsspec.core.split_protocol(p)[0] is None else p
+    rep = dataclasses.replace
+    export = cfg.export_path or join_url(cfg.storage_path, cfg.name, "export")
+    dataset = fix(cfg.data.dataset) if os.path.exists(cfg.data.dataset) else cfg.data.dataset  # a name or a folder
+    return rep(cfg, storage_path=fix(cfg.storage_path), export_path=fix(export),
+               data=rep(cfg.data, dataset=dataset, path=fix(cfg.data.path)),
+               task=rep(cfg.task, squad_path=fix(cfg.task.squad_path or (default_squad_path() if cfg.task.name == "qa" else None))),
+               debug=rep(cfg.debug, marker=fix(cfg.debug.marker)))
+
+
+def validate(cfg: LMJobConfig) -> LMJobConfig:
+    """Checks that need files or the cluster (ValueError), before any worker starts; returns the config
+    with absolute local paths."""
+    layers = encoder_num_layers(cfg.encoder)
+    if max(cfg.fusion.layers) >= layers:
+        raise ValueError(f"fusion.layers {list(cfg.fusion.layers)}: encoder {cfg.encoder.name_or_path!r} has {layers} layers")
+    cfg = _absolute(cfg)
+    if cfg.task.name == "qa" and not url_exists(cfg.task.squad_path):
+        raise ValueError(f"task.squad_path {cfg.task.squad_path}: no such file (SQuAD v1.1 dev JSON)")
+    if ray.is_initialized():
+        need, have = cfg.num_workers * cfg.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+        if need > have or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
+            raise ValueError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs (use_gpu={cfg.use_gpu}) do not fit "
+                             f"the Ray cluster ({ray.cluster_resources()})")
+    return cfg
+
+
+# ---- the worker -------------------------------------------------------------------------------------
+
+def _full_state(lm) -> dict[str, torch.Tensor]:
+    """fp32 master weights by name, gathered from every rank (a collective: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in lm.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None under ZeRO-0 in fp32: the parameter is its own master
+        out[name] = (p.detach() if full is None else full).float().cpu().clone()
+    return out
+
+
+def _export(lm, cfg: LMJobConfig, table, rank: int, extra: dict) -> None:
+    state = _full_state(lm)
+    if rank == 0:
+        fresh, tokenizer = build_lm(lm_config(cfg), table)
+        missing, unexpected = fresh.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) <= {n for n, _ in fresh.named_buffers()}, (missing, unexpected)
+        export_fused(fresh, tokenizer, Storage(cfg.export_path, cfg.storage_options), extra=extra)
+
+
+def _restore(engine, checkpoint, cfg: LMJobConfig, world: int) -> int:
+    with checkpoint.as_directory() as d:
+        meta = json.loads(Path(d, META).read_text())
+        if (meta["world_size"], meta["zero_stage"]) != (world, cfg.deepspeed.zero_stage):
+            raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with ZeRO-"
+                             f"{meta['zero_stage']}; this run has {world} with ZeRO-{cfg.deepspeed.zero_stage}")
+        _, client = engine.load_checkpoint(d, tag=TAG)
+    return int(client["step"])
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """One rank: build data and model, resume, train, report, export. Returns (rank 0) the history of reports."""
+    import deepspeed
+
+    cfg: LMJobConfig = config["cfg"]
+    table = config["table"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
+    lm, tokenizer = build_lm(lm_config(cfg), table)
+    kg = load_from_config(cfg.data)
+    text = load_text(cfg.data.dataset, path=cfg.data.path)
+    linker = build_linker(kg, text) if cfg.task.link else None
+    train_data, eval_data = build_task_data(cfg.task, tokenizer, kg, linker, text=text, rank=rank, world_size=world)
+    per_epoch = train_data.num_batches(cfg.train.batch_size)
+    total = cfg.train.steps or cfg.train.epochs * per_epoch
+    model = StaticGraphLM(lm)
+    bf16 = cfg.deepspeed.bf16 is True or (cfg.deepspeed.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ds = deepspeed_config(cfg, total_steps=total, bf16=bf16, persist_numel=max(p.numel() for p in model.conditional_parameters()))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731 (the KG table stays fp32)
+
+    step, extra = 0, {"resumed_from_step": None}
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        step = extra["resumed_from_step"] = _restore(engine, checkpoint, cfg, world)
+        if cfg.debug.param_digest:
+            extra["resume_digest"] = state_digest(_full_state(lm))
+    history, sums, count, clock = [], torch.zeros(len(LOSSES), dtype=torch.float64), 0, time.perf_counter()
+    finished = False
+
+    def report(final: bool) -> None:
+        nonlocal sums, count, clock, finished
+        finished = final
+        t = cfg.train
+        stats = torch.cat([sums, torch.tensor([count], dtype=torch.float64)]).to(device)
+        dist.all_reduce(stats)  # sums over ranks: means of every rank's steps since the last report
+        metrics = {"step": step, "epoch": step / per_epoch, "lr": engine.get_lr()[0], **extra,
+                   **{k: float(v) / max(float(stats[-1]), 1.0) for k, v in zip(LOSSES, stats[:-1])},
+                   "rows_per_s": float(stats[-1]) * t.batch_size / max(time.perf_counter() - clock, 1e-9)}
+        if final or (t.eval_every and step % t.eval_every == 0):
+            with amp():
+                scores = evaluate_task(engine, eval_data, cfg.task.name, t.eval_batch_size, device)
+            metrics.update({f"eval_{k}": v for k, v in scores.items()})
+        if cfg.debug.param_digest:
+            metrics["param_digest"] = state_digest(_full_state(lm))
+        if final:
+            metrics["export"] = cfg.export_path
+            _export(lm, cfg, table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}})
+        if rank == 0:  # (Ray Train logs every report as it arrives)
+            history.append(metrics)
+        if (final or step % t.checkpoint_every == 0) and step != extra["resumed_from_step"]:  # not over the one read
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(d, tag=TAG, client_state={"step": step})
+                if rank == 0:
+                    Path(d, META).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": cfg.deepspeed.zero_stage}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:09d}")
+        else:
+            ray.train.report(metrics)
+        sums, count, clock = torch.zeros_like(sums), 0, time.perf_counter()
+
+    engine.train()
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        for _, batch in itertools.islice(train_data.batches(cfg.train.batch_size, epoch=epoch, seed=cfg.train.seed), skip, None):
+            # RNG streams as a function of (seed, rank, step): a resumed run draws what the first would have
+            torch.manual_seed(hash((cfg.train.seed, rank, step)) % (1 << 62))
+            lm.generator.manual_seed(hash((cfg.kd.seed, rank, step)) % (1 << 62))
+            with amp():
+                out = engine({k: v.to(device) for k, v in batch.items()})
+            engine.backward(out["loss"])
+            engine.step()
+            step, count = step + 1, count + 1
+            sums += torch.stack([out[k].detach().double().cpu() for k in LOSSES])
+            f = cfg.debug
+            if step == f.fail_at_step and rank == f.fail_rank and not os.path.exists(f.marker):
+                # the controller registers a reported checkpoint when it next polls the workers; a crash
+                # within that window (ms here, one poll in a real run) resumes from the one before
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+                Path(f.marker).write_text(f"rank {rank} exited at step {step}\n")
+                os._exit(1)  # a crash: no cleanup, no report
+            t = cfg.train
+            if step == total or step % t.log_every == 0 or step % t.checkpoint_every == 0 or (t.eval_every and step % t.eval_every == 0):
+                report(final=step == total)
+            if step == total:
+                break
+    if not finished:  # resumed from the final checkpoint: evaluate and export again
+        report(final=True)
+    return {"history": history, "export": cfg.export_path, **extra} if rank == 0 else None
+
+
+def run(cfg: LMJobConfig):
+    """Validate, prepare the KG teacher (read or trained here, once), and train on Ray; ``ray.train.Result``
+    (``return_value``: rank 0's report history and the export path). Ray must be initialised."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = validate(cfg)
+    table = load_kg_table(cfg.kg, load_from_config(cfg.data), cfg.storage_options)
+    path, fs = ray_storage(cfg.storage_path, cfg.storage_options)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"cfg": cfg, "table": table},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)))
+    return trainer.fit()
