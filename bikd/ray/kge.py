@@ -110,7 +110,7 @@ class KGETrainer:
 
     def __init__(self, part: int, triples: torch.Tensor, num_entities: int, entity_owner: torch.Tensor,
                  table: torch.Tensor, cfg: KGETrainConfig, relation_shard, dist: DistConfig):
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.num_threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.part, self.triples, self.cfg, self.owner = part, triples, cfg, entity_owner
         self.relation_shard, self.staleness, self.peers = relation_shard, dist.staleness, {}
         ids = (entity_owner == part).nonzero().flatten()
@@ -158,6 +158,9 @@ class KGETrainer:
         """One step up to the gradients, which wait in ``self.pending`` for ``apply``; None once the epoch is done."""
         if self.batches.epoch != self.target_epoch:
             return None
+        if torch.get_num_threads() != self.num_threads:
+            # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.num_threads)
         batch = self.triples[self.batches.next_batch()]
         neg = self.sampler.sample_batch(len(batch), self.generator)
         if self.negative_ids is not None:
