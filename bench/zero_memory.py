@@ -27,11 +27,10 @@ from bench.common import write_result  # noqa: E402
 BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
 
-def loop(config: dict) -> None:
+def loop(config: dict) -> dict:
     import resource
 
     import deepspeed
-    import ray.train
     import torch
     import torch.distributed as dist
     from transformers import BertConfig, BertModel
@@ -46,7 +45,9 @@ def loop(config: dict) -> None:
     class Classifier(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder = BertModel(BertConfig(**BERT_LARGE, vocab_size=30522), add_pooling_layer=False)
+            # no padding row: transformers' init zeroes embedding[padding_idx], which indexes an empty
+            # tensor when zero.Init has already partitioned the parameter
+            self.encoder = BertModel(BertConfig(**BERT_LARGE, vocab_size=30522, pad_token_id=None), add_pooling_layer=False)
             self.head = torch.nn.Linear(BERT_LARGE["hidden_size"], 2)
 
         def forward(self, ids, labels):
@@ -70,8 +71,9 @@ def loop(config: dict) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak_mb)
-    ray.train.report({"peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks, "step_s": statistics.median(times),
-                      "step_s_all": times, "num_params": num_params})
+    # Ray Train (v2) hands rank 0's return value back as Result.return_value
+    return {"peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks, "step_s": statistics.median(times),
+            "step_s_all": times, "num_params": num_params}
 
 
 def run_stage(stage: int, args) -> dict:
@@ -83,7 +85,7 @@ def run_stage(stage: int, args) -> dict:
                            torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name=f"zero_memory_stage{stage}", storage_path=args.storage))
-    return trainer.fit().metrics
+    return trainer.fit().return_value
 
 
 def main() -> None:
