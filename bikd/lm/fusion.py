@@ -73,7 +73,8 @@ class KnowledgeFusion(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
-        delta = self.gate * self.dropout(self.proj(rows))
+        # the KG table is float32; under bf16 training the projection's weights are bf16
+        delta = self.gate * self.dropout(self.proj(rows.to(self.proj.weight.dtype)))
         flat = h.reshape(-1, h.shape[-1])
         return flat.index_add(0, pos, delta.to(h.dtype)).view_as(h)
 

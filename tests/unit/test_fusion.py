@@ -283,3 +283,13 @@ def test_default_minilm_loads_offline():
     with torch.no_grad():
         out = FusedEncoder(model, FusionConfig(layers=(2,), entity_dim=8))(**enc)
     assert out.last_hidden_state.shape == (1, enc["input_ids"].shape[1], 384)
+
+
+def test_fusion_site_in_bf16_takes_float32_rows():
+    """Under bf16 training (DeepSpeed on a GPU) the site's weights are bf16 while the KG table stays float32."""
+    from bikd.lm.fusion import KnowledgeFusion
+
+    site = KnowledgeFusion(8, 4, gate_init=0.5).to(torch.bfloat16)
+    h = torch.zeros(1, 3, 8, dtype=torch.bfloat16)
+    out = site(h, torch.tensor([1]), torch.ones(1, 4))
+    assert out.dtype == torch.bfloat16 and out[0, 1].abs().sum() > 0 and out[0, 0].abs().sum() == 0
