@@ -65,41 +65,53 @@ class DistConfig:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class EmbeddingShard:
-    """Thin actor around :class:`ShardState`: each method unpacks a message and calls it."""
+class _RowServer:
+    """The embedding-shard side of an actor: thin, lock-protected wrappers around ``self.shard`` (a
+    :class:`ShardState`), so that peers' calls and the actor's own training thread never interleave."""
 
-    def __init__(self, ids: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, kind: str):
-        self.state = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), kind)
+    shard: ShardState
+    lock: threading.Lock
 
     def pull(self, msg: PullRequest) -> Rows:
-        return Rows(version=self.state.version, rows=array(self.state.pull(tensor(msg.ids))))
+        with self.lock:
+            return Rows(version=self.shard.version, rows=array(self.shard.pull(tensor(msg.ids))))
 
     def push(self, msg: PushGrads) -> int:
-        return self.state.push(tensor(msg.ids), tensor(msg.grads))
+        with self.lock:
+            return self.shard.push(tensor(msg.ids), tensor(msg.grads))
 
     def rows(self) -> Rows:
-        return Rows(version=self.state.version, rows=array(self.state.table.clone()))
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
+        with self.lock:
+            return Rows(version=self.shard.version, rows=array(self.shard.table.clone()))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class EmbeddingShard(_RowServer):
+    """Thin actor around :class:`ShardState`: each method unpacks a message and calls it."""
+
+    def __init__(self, ids: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, kind: str):
+        self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), kind)
+        self.lock = threading.Lock()
+
+    def state_dict(self) -> dict:
+        return self.shard.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shard.load_state_dict(state)
+
     def save(self, storage: Storage, rel: str) -> str:
         """Write this shard's state (rows, optimiser state, version) to ``storage``; returns its sha256."""
-        return _save(storage, rel, self.state.state_dict())
+        return _save(storage, rel, self.shard.state_dict())
 
     def restore(self, storage: Storage, rel: str, sha256: str) -> None:
-        self.state.load_state_dict(_load(storage, rel, sha256))
+        self.shard.load_state_dict(_load(storage, rel, sha256))
 
 
 @ray.remote(max_restarts=-1, max_concurrency=8)
-class KGETrainer:
+class KGETrainer(_RowServer):
     """Trains on one partition's triples; also the embedding shard of that partition's entity rows.
 
     The rows (with their optimiser state) live in this process, so the partition-local part of a step
@@ -116,7 +128,6 @@ class KGETrainer:
         ids = (entity_owner == part).nonzero().flatten()
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
         self.lock = threading.Lock()
-        self.interaction = build_interaction(cfg.model)
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
         # local negatives (PyTorch-BigGraph): drawn from this partition's entities, so they never travel
@@ -132,22 +143,6 @@ class KGETrainer:
     def connect(self, peers: list) -> None:
         """Handles of every partition's trainer (the owners of the other entity rows)."""
         self.peers = {p: peer for p, peer in enumerate(peers) if p != self.part}
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    # --- the embedding-shard side: thin wrappers around ShardState --------------------------------------
-    def pull(self, msg: PullRequest) -> Rows:
-        with self.lock:
-            return Rows(version=self.shard.version, rows=array(self.shard.pull(tensor(msg.ids))))
-
-    def push(self, msg: PushGrads) -> int:
-        with self.lock:
-            return self.shard.push(tensor(msg.ids), tensor(msg.grads))
-
-    def rows(self) -> Rows:
-        with self.lock:
-            return Rows(version=self.shard.version, rows=array(self.shard.table.clone()))
 
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
@@ -179,7 +174,7 @@ class KGETrainer:
                     ent_rows[pos] = self.shard.pull(plan.entity_ids[pos])
         for pos, ref in remote:
             ent_rows[pos] = tensor(ray.get(ref).rows)
-        loss, ent_grad, rel_grad = step_gradients(self.interaction, plan, neg, ent_rows, tensor(ray.get(rel_ref).rows),
+        loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, tensor(ray.get(rel_ref).rows),
                                                   self.cfg.loss, self.cfg.regularizer)
         self.step_count += 1
         self.pending = [(self.relation_shard, PushGrads(step=self.step_count, source=self.part,
