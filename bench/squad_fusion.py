@@ -1,0 +1,273 @@
+"""Plain vs knowledge-fused all-MiniLM-L6-v2 on extractive QA (SQuAD v1.1 dev split by article) and the LAMA probe.
+
+**Data.** Only SQuAD v1.1 *dev* is available here. It is split by article with a fixed seed
+(``bikd.lm.squad.split_by_article``, seed 0, 20% of the articles evaluate); ``--train-questions`` questions
+are sampled from the fine-tune articles and ``--eval-questions`` from the evaluation articles (seeded: the
+same rows for every run), encoded into windows of ``--max-length`` tokens with doc stride ``--doc-stride``.
+Every number this script writes is on that split, not on the official dev set.
+
+**Teacher and linking.** TransE on FB15k-237 with ``configs/kge_fb15k237_transe.yaml``'s recipe
+(``--kge-epochs`` epochs, in process, cached under ``--cache``); mentions linked over FB15k-237's names and
+Wikidata aliases (``bikd.lm.linking``).
+
+**Runs.** Per seed, two models start from the same weights (MiniLM + the heads and fusion sites of one
+``FusedLM`` built under the seed) and take the same steps over the same windows in the same order:
+
+- *plain*: batches without ``token_entity``/``mention_spans``: fusion and KD idle, i.e. MiniLM + a QA head;
+- *fused*: entity fusion after ``--layers`` and both KD losses on (``KDConfig`` defaults: entity alignment
+  and relation distillation, weight 1 each, T = 2).
+
+AdamW (lr ``--lr``, weight decay 0.01), 10% linear warmup then linear decay, gradient clipping at 1.0.
+EM/F1 are the official SQuAD normalisation over the evaluation questions.
+
+**Probe.** LAMA T-REx facts whose subject and object are FB15k-237 entities (``bikd.lm.probe``), P@1 of
+the object among its relation's candidates, the object replaced by ``[MASK]`` and the subject's words tagged
+with its entity. A plain encoder has no map into the KG's space, so each fine-tuned model gets the same
+*linear probe*, fitted with the encoder frozen: from ``--probe-windows`` training windows, up to 4 linked
+mentions per window are replaced by ``[MASK]`` tokens (and unlinked; the other mentions stay linked), and a
+``Linear(H, d_e)`` is fitted so that the mean state over each masked span picks its entity among all
+14,541 by cosine similarity (full softmax, scale 20). The fused model is also probed through its own KD
+head (``entity_proj``), as ``probe_p1_fused_kd_head``.
+
+    python bench/squad_fusion.py [--seeds 0 1 2] [--train-questions 2400] [--eval-questions 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import DATA_DIR, write_result  # noqa: E402
+from bikd.config import from_dict  # noqa: E402
+from bikd.kg.datasets import load_dataset, load_text  # noqa: E402
+from bikd.kge.training import KGETrainConfig  # noqa: E402
+from bikd.lm import probe, squad  # noqa: E402
+from bikd.lm.encoder import EncoderConfig, load_encoder  # noqa: E402
+from bikd.lm.fusion import FusionConfig  # noqa: E402
+from bikd.lm.kd import KDConfig, mention_representations  # noqa: E402
+from bikd.lm.kg_teacher import KGTable  # noqa: E402
+from bikd.lm.model import FusedLM, LMConfig  # noqa: E402
+from bikd.lm.train import KGTableConfig, TaskConfig, build_linker, build_task_data, evaluate_task, load_kg_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_KG = ("token_entity", "mention_spans")
+
+
+class Plain(nn.Module):
+    """The FusedLM fed without entities: what the plain encoder + head computes."""
+
+    def __init__(self, lm: FusedLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch):
+        return self.lm({k: v for k, v in batch.items() if k not in NO_KG})
+
+
+def teacher(kg, args) -> KGTable:
+    """TransE on FB15k-237, the FB15k-237 config's recipe; cached by epochs and seed."""
+    train = from_dict(KGETrainConfig, yaml.safe_load((ROOT / "configs" / "kge_fb15k237_transe.yaml").read_text())["train"])
+    train = dataclasses.replace(train, epochs=args.kge_epochs)
+    cache = Path(args.cache) / f"transe_fb15k237_e{train.epochs}_s{train.seed}.pt"
+    if cache.exists():
+        t = torch.load(cache)
+        return KGTable.from_arrays(t["entity"], t["relation"], interaction="transe", interaction_kwargs={"p": train.model.p},
+                                   entity_labels=kg.entities.labels, relation_labels=kg.relations.labels)
+    start = time.perf_counter()
+    table = load_kg_table(KGTableConfig(train=train), kg)
+    print(f"teacher: TransE {train.epochs} epochs in {time.perf_counter() - start:.0f} s", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"entity": table.entity, "relation": table.relation}, cache)
+    return table
+
+
+def build_model(table: KGTable, args, seed: int) -> FusedLM:
+    torch.manual_seed(seed)
+    encoder, _ = load_encoder(EncoderConfig())
+    cfg = LMConfig(task="qa", fusion=FusionConfig(layers=tuple(args.layers)), kd=KDConfig(seed=seed))
+    return FusedLM(cfg, encoder, table)
+
+
+def finetune(model: nn.Module, data, args, seed: int, fused: bool) -> dict:
+    torch.manual_seed(seed)  # dropout
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    total = data.num_batches(args.batch_size) * args.epochs
+    warm = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    sums, steps, start = {"task_loss": 0.0, "kd_entity_loss": 0.0, "kd_relation_loss": 0.0}, 0, time.perf_counter()
+    model.train()
+    for epoch in range(args.epochs):
+        for _, batch in data.batches(args.batch_size, epoch=epoch, seed=seed):
+            if not fused:
+                batch = {k: v for k, v in batch.items() if k not in NO_KG}
+            out = model(batch)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+            for k in sums:
+                sums[k] += float(out[k].detach())
+            if steps % 50 == 0:
+                print(f"  step {steps}/{total}: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in sums.items()), flush=True)
+    return {"steps": steps, "train_s": time.perf_counter() - start, **{f"mean_{k}": v / steps for k, v in sums.items()}}
+
+
+def masked_mentions(data, args, mask_id: int) -> list[tuple[dict, torch.Tensor]]:
+    """Probe-fitting batches: up to 4 mentions per window replaced by [MASK] and unlinked (seeded, so
+    every model sees the same); returns (batch without mention_spans, masked spans (M, 4))."""
+    gen = torch.Generator().manual_seed(12345)
+    rows = torch.randperm(len(data.features), generator=gen)[: args.probe_windows]
+    out = []
+    for i in range(0, len(rows), args.eval_batch_size):
+        batch = data.features.batch(rows[i : i + args.eval_batch_size])
+        spans = batch.pop("mention_spans")
+        keep = torch.zeros(len(spans), dtype=torch.bool)
+        for b in range(len(batch["input_ids"])):
+            mine = torch.nonzero(spans[:, 0] == b).flatten()
+            keep[mine[torch.randperm(len(mine), generator=gen)[:4]]] = True
+        chosen = spans[keep]
+        for b, s, e, _ in chosen.tolist():
+            batch["input_ids"][b, s:e] = mask_id
+            batch["token_entity"][b, s:e] = -1
+        out.append((batch, chosen))
+    return out
+
+
+@torch.no_grad()
+def probe_features(model: FusedLM, batches, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    xs, ys = [], []
+    for batch, spans in batches:
+        b = batch if fused else {k: v for k, v in batch.items() if k not in NO_KG}
+        hidden = model.fused(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
+                             token_entity=b.get("token_entity")).last_hidden_state
+        xs.append(mention_representations(hidden, spans))
+        ys.append(spans[:, 3])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, entity: torch.Tensor, seed: int, epochs: int = 30) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(x.shape[1], entity.shape[1])
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3)
+    ent = nn.functional.normalize(entity.float(), dim=-1)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(256):
+            logits = 20.0 * nn.functional.normalize(lin(x[idx]), dim=-1) @ ent.T
+            nn.functional.cross_entropy(logits, y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    return lin.eval()
+
+
+def probe_p1(model: FusedLM, facts, tokenizer, table: KGTable, head: nn.Module, fused: bool) -> float:
+    def mention_vector(batch):
+        b = {k: v for k, v in batch.items() if k not in ("mention_spans", "mask_positions")}
+        if not fused:
+            b.pop("token_entity")
+        hidden = model.fused(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
+                             token_entity=b.get("token_entity")).last_hidden_state
+        return head(hidden[torch.arange(len(hidden)), batch["mask_positions"]])
+    model.eval()
+    with torch.no_grad():
+        return probe.evaluate_probe(facts, probe.MaskedEntityScorer(tokenizer, mention_vector, table.entity)).p_at_1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-questions", type=int, default=2400)
+    p.add_argument("--eval-questions", type=int, default=1000)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--doc-stride", type=int, default=64)
+    p.add_argument("--max-query-length", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--layers", type=int, nargs="+", default=[3])
+    p.add_argument("--kge-epochs", type=int, default=30)
+    p.add_argument("--probe-windows", type=int, default=1500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", default=str(DATA_DIR))
+    p.add_argument("--cache", default="/tmp/bikd_squad_fusion")
+    p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir)
+    start = time.perf_counter()
+
+    kg = load_dataset("fb15k237", path=str(data_dir / "fb15k-237"))
+    text = load_text("fb15k237", path=str(data_dir / "fb15k-237"))
+    table = teacher(kg, args)
+    linker = build_linker(kg, text)
+    _, tokenizer = load_encoder(EncoderConfig())
+    task = TaskConfig(name="qa", link=True, max_train=args.train_questions, max_eval=args.eval_questions, seed=0,
+                      squad_path=str(data_dir / "squad-v1.1" / "dev-v1.1.json"),
+                      qa=squad.SquadFeaturesConfig(max_length=args.max_length, doc_stride=args.doc_stride,
+                                                   max_query_length=args.max_query_length))
+    train, evaluation = build_task_data(task, tokenizer, kg, linker, text=text)
+    facts = probe.load_lama_trex(str(data_dir / "lama-trex"), probe.wikidata_to_entity(text, kg.entities))
+    fit_batches = masked_mentions(train, args, tokenizer.mask_token_id)
+    tok = train.features.tensors["token_entity"]
+    data = {"train_windows": len(train.features), "eval_windows": len(evaluation.features),
+            "train_mentions_per_window": len(train.features.mention_spans) / len(train.features),
+            "linked_token_fraction": float((tok >= 0).sum() / train.features.tensors["attention_mask"].sum()),
+            "probe_facts": len(facts), "probe_fit_mentions": sum(len(s) for _, s in fit_batches)}
+    print(f"data: {data}", flush=True)
+
+    runs = []
+    for seed in args.seeds:
+        for fused in (False, True):
+            name = "fused" if fused else "plain"
+            print(f"seed {seed} {name}", flush=True)
+            model = build_model(table, args, seed)
+            log = finetune(model, train, args, seed, fused)
+            t = time.perf_counter()
+            scores = evaluate_task(model if fused else Plain(model), evaluation, "qa", args.eval_batch_size)
+            x, y = probe_features(model, fit_batches, fused)
+            lin = fit_linear_probe(x, y, table.entity, seed)
+            run = {"seed": seed, "model": name, **log, "em": scores["exact_match"], "f1": scores["f1"],
+                   "probe_p1": probe_p1(model, facts, tokenizer, table, lin, fused)}
+            if fused:
+                run["probe_p1_kd_head"] = probe_p1(model, facts, tokenizer, table, model.entity_proj, fused)
+            run["eval_s"] = time.perf_counter() - t
+            print(f"  {run}", flush=True)
+            runs.append(run)
+
+    def col(model: str, key: str) -> list[float]:
+        return [r[key] for r in runs if r["model"] == model]
+
+    gains = [f - q for f, q in zip(col("fused", "f1"), col("plain", "f1"))]
+    std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    metrics = {
+        "f1_plain_mean": statistics.mean(col("plain", "f1")), "f1_fused_mean": statistics.mean(col("fused", "f1")),
+        "f1_gain_mean": statistics.mean(gains), "f1_gain_std": std(gains), "f1_gain_min": min(gains),
+        "f1_plain_std": std(col("plain", "f1")), "f1_fused_std": std(col("fused", "f1")),
+        "em_plain_mean": statistics.mean(col("plain", "em")), "em_fused_mean": statistics.mean(col("fused", "em")),
+        "probe_p1_plain": statistics.mean(col("plain", "probe_p1")), "probe_p1_fused": statistics.mean(col("fused", "probe_p1")),
+        "probe_p1_fused_kd_head": statistics.mean(col("fused", "probe_p1_kd_head")),
+        "num_seeds": len(args.seeds), **{k: float(v) for k, v in data.items()},
+        "minutes_total": (time.perf_counter() - start) / 60,
+    }
+    details = {"split": "SQuAD v1.1 dev split by article (seed 0, 20% of articles evaluate); "
+                        f"{args.train_questions} fine-tune / {args.eval_questions} eval questions sampled (seed 0 / 1)",
+               "args": vars(args), "teacher": f"TransE (configs/kge_fb15k237_transe.yaml), {args.kge_epochs} epochs",
+               "runs": runs, "f1_gains": gains}
+    print(write_result("squad_fusion", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
+
+
+if __name__ == "__main__":
+    main()
