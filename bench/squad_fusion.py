@@ -100,7 +100,11 @@ def build_model(table: KGTable, args, seed: int) -> FusedLM:
 
 def finetune(model: nn.Module, data, args, seed: int, fused: bool) -> dict:
     torch.manual_seed(seed)  # dropout
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    # plain: the fusion sites and KD heads are idle (FusedLM gives them zero gradients, which AdamW's
+    # weight decay and momentum would still act on), so they are left out
+    skip = set() if fused else {id(p) for p in model.conditional_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in skip], lr=args.lr,
+                            weight_decay=0.01)
     total = data.num_batches(args.batch_size) * args.epochs
     warm = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))

@@ -6,8 +6,11 @@ CPU). The model is a randomly initialised BERT-large-sized encoder (24 layers, h
 ~335M parameters) with a 2-way classification head, so that model state (parameters, gradients, Adam
 moments: 16 bytes per parameter unpartitioned) dominates a worker's memory; batches are small (2 x 128
 tokens of random ids). ZeRO-3 builds the model inside ``deepspeed.zero.Init`` so no worker ever holds it
-whole. Peak resident memory is the worker process's ``ru_maxrss`` after the timed steps, the larger of
-the two workers; the step time is the median of the timed steps on rank 0 (all ranks step together).
+whole. Peak resident memory is the worker process's ``ru_maxrss`` after the timed steps (its whole life:
+model build, ``deepspeed.initialize`` and the steps), the larger of the two workers; it is also split into
+the peak up to the end of ``deepspeed.initialize`` and the peaks of each step's forward, backward and
+optimizer step (``VmHWM``, reset through ``/proc/self/clear_refs`` before each phase). The step time is the median of the timed steps on rank 0 (all ranks
+step together).
 
     python bench/zero_memory.py [--stages 0,2,3] [--steps 3]
 """
@@ -35,11 +38,13 @@ def loop(config: dict) -> dict:
     import torch.distributed as dist
     from transformers import BertConfig, BertModel
 
-    from bikd.ray.lm_train import DeepSpeedConfig, LMJobConfig, TrainConfig, deepspeed_config
+    from bikd.ray.lm_train import DeepSpeedConfig, LMJobConfig, TrainConfig, deepspeed_config, set_malloc_mmap_threshold
 
     torch.set_num_threads(1)
     stage, batch, seq = config["stage"], config["batch_size"], config["seq_len"]
-    job = LMJobConfig(train=TrainConfig(batch_size=batch, lr=1e-5), deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=False))
+    extra = {} if config["mmap_threshold"] is None else {"malloc_mmap_threshold": config["mmap_threshold"]}
+    job = LMJobConfig(train=TrainConfig(batch_size=batch, lr=1e-5), deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=False, **extra))
+    set_malloc_mmap_threshold(job.deepspeed.malloc_mmap_threshold)  # as bikd's LM job does on CPU
     ds = deepspeed_config(job, total_steps=config["steps"] + 1, bf16=False)
 
     class Classifier(torch.nn.Module):
@@ -58,22 +63,36 @@ def loop(config: dict) -> dict:
         model = Classifier()
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    init_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     g = torch.Generator().manual_seed(dist.get_rank())
-    times = []
+    def phase_peak_mb() -> float:  # VmHWM since the last reset, then reset it to the current RSS
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        Path("/proc/self/clear_refs").write_text("5")
+        return int(status["VmHWM"].split()[0]) / 1024
+
+    times, phases = [], {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    phase_peak_mb()  # from here on: the steps only
     for step in range(config["steps"] + 1):  # the first step (allocations, first all-gathers) is not timed
         ids, labels = torch.randint(30522, (batch, seq), generator=g), torch.randint(2, (batch,), generator=g)
         start = time.perf_counter()
         loss = engine(ids, labels)
+        phases["forward"] = max(phases["forward"], phase_peak_mb())
         engine.backward(loss)
+        phases["backward"] = max(phases["backward"], phase_peak_mb())
         engine.step()
+        phases["step"] = max(phases["step"], phase_peak_mb())
         if step:
             times.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak_mb)
+    steps_peak_mb = max(phases.values())
+    mine = {"peak": max(init_peak_mb, steps_peak_mb), "init": init_peak_mb, "steps": steps_peak_mb, **phases}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
     # Ray Train (v2) hands rank 0's return value back as Result.return_value
-    return {"peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks, "step_s": statistics.median(times),
-            "step_s_all": times, "num_params": num_params}
+    return {"peak_rss_mb": max(r["peak"] for r in ranks), "init_peak_rss_mb": max(r["init"] for r in ranks),
+            "steps_peak_rss_mb": max(r["steps"] for r in ranks), "per_rank": ranks,
+            "phase_peak_rss_mb": {k: max(r[k] for r in ranks) for k in phases},
+            "step_s": statistics.median(times), "step_s_all": times, "num_params": num_params,
+            "zero_optimization": ds["zero_optimization"]}
 
 
 def run_stage(stage: int, args) -> dict:
@@ -81,11 +100,11 @@ def run_stage(stage: int, args) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(loop, train_loop_config={"stage": stage, "steps": args.steps, "batch_size": args.batch_size,
-                                                    "seq_len": args.seq_len},
+                                                    "seq_len": args.seq_len, "mmap_threshold": args.mmap_threshold},
                            torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name=f"zero_memory_stage{stage}", storage_path=args.storage))
-    return trainer.fit().return_value
+    return trainer.fit().return_value | {"stage": stage}
 
 
 def main() -> None:
@@ -97,17 +116,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--storage", default="/tmp/bikd_zero_memory")
+    p.add_argument("--mmap-threshold", type=int, default=None,
+                   help="deepspeed.malloc_mmap_threshold (bytes; 0: glibc's adaptive default); default: bikd's")
     args = p.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         runs = {}
         for stage in (int(s) for s in args.stages.split(",")):
             runs[stage] = run_stage(stage, args)
-            print(f"ZeRO-{stage}: peak RSS per worker {runs[stage]['peak_rss_mb']:,.0f} MB "
-                  f"({runs[stage]['peak_rss_mb_per_rank']}), step {runs[stage]['step_s']:.2f} s", flush=True)
+            r = runs[stage]
+            print(f"ZeRO-{stage}: peak RSS per worker {r['peak_rss_mb']:,.0f} MB (init {r['init_peak_rss_mb']:,.0f}, "
+                  f"steps {r['steps_peak_rss_mb']:,.0f}; {r['phase_peak_rss_mb']}), step {r['step_s']:.2f} s", flush=True)
     finally:
         ray.shutdown()
     metrics = {f"peak_rss_mb_zero{s}": r["peak_rss_mb"] for s, r in runs.items()}
+    metrics |= {f"steps_peak_rss_mb_zero{s}": r["steps_peak_rss_mb"] for s, r in runs.items()}
     metrics |= {f"step_s_zero{s}": r["step_s"] for s, r in runs.items()}
     if 0 in runs and 3 in runs:
         metrics["zero3_vs_zero0_memory"] = runs[3]["peak_rss_mb"] / runs[0]["peak_rss_mb"]

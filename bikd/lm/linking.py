@@ -5,11 +5,12 @@ whitespace separate them), each word is case-folded and stripped of accents (NFK
 marks). An alias is indexed as its word tuple in a trie; ``link`` walks the trie from every word of
 the text and keeps the longest alias that starts there, then continues after it, so mentions never
 overlap. Mentions carry character offsets into the original text, so they map onto any fast
-tokenizer's ``offset_mapping`` (:func:`mentions_to_tokens`).
+tokenizer's ``offset_mapping`` (:func:`align_mentions`, :func:`mentions_to_tokens`).
 
 Contract with the fusion module: a batch carries ``token_entity`` LongTensor [B, S] (entity id of each
 token, -1 where unlinked) and ``mention_spans`` LongTensor [M, 4] with rows (batch_index, token_start,
-token_end_exclusive, entity_id) (:func:`collate_mentions`). Entity ids are the KG id map's integer ids,
+token_end_exclusive, entity_id) (:func:`fill_mentions` per row and :func:`spans_tensor`, or
+:func:`collate_mentions` for a batch of spans). Entity ids are the KG id map's integer ids,
 the rows of the KG embedding table.
 """
 
@@ -19,13 +20,16 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
 from bikd.kg.text import KGText
 
 AmbiguousPolicy = Literal["most_frequent", "skip"]
+#: ``link(text) -> [(start_char, end_char_exclusive, entity_id), ...]``; objects with ``start_char``,
+#: ``end_char`` and ``entity`` (:class:`Mention`, so ``EntityLinker.link`` plugs in) work too
+LinkFn = Callable[[str], Sequence]
 
 # A word starts with a letter or digit and may carry combining marks (decomposed accents), so that
 # "é" written as "e" + U+0301 stays one word; "_" is punctuation, as for BERT's basic tokenizer.
@@ -263,64 +267,97 @@ class EntityLinker:
         return out
 
 
+def _align(mentions: Sequence, tokens: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """:func:`align_mentions` over ``tokens``: ``(index, start_char, end_char)`` of the real tokens."""
+    chars = [(m.start_char, m.end_char, m.entity) if hasattr(m, "start_char") else tuple(m) for m in mentions]
+    found: list[tuple[int, int, int] | None] = [None] * len(chars)
+    starts, ends = [t[1] for t in tokens], [t[2] for t in tokens]
+    if starts == sorted(starts) and ends == sorted(ends):
+        # tokens in char order (one text of a fast tokenizer): one pass, mentions by start
+        t, n = 0, len(tokens)
+        for i in sorted(range(len(chars)), key=lambda i: (chars[i][0], chars[i][1])):
+            start, end, entity = chars[i]
+            while t < n and tokens[t][2] <= start:  # tokens wholly before the mention
+                t += 1
+            u = t
+            while u < n and tokens[u][1] < end:
+                u += 1
+            if u > t:
+                found[i] = (tokens[t][0], tokens[u - 1][0] + 1, int(entity))
+    else:  # any other order: test every token
+        for i, (start, end, entity) in enumerate(chars):
+            hit = [k for k, s, e in tokens if s < end and e > start]
+            if hit:
+                found[i] = (hit[0], hit[-1] + 1, int(entity))
+    return [f for f in found if f is not None]
+
+
+def align_mentions(
+    mentions: Sequence, offset_mapping: Sequence[Sequence[int]], positions: Sequence[int] | None = None
+) -> list[tuple[int, int, int]]:
+    """Char-span mentions of one text -> ``(token_start, token_end_exclusive, entity)``, in the order of
+    ``mentions``. A mention is a :class:`Mention` (any object with ``start_char``, ``end_char`` and
+    ``entity``) or a ``(start_char, end_char_exclusive, entity)`` tuple, as a :data:`LinkFn` returns.
+    ``offset_mapping[i]`` is token i's char span in that text (a fast tokenizer's offsets, a list or a
+    tensor) and ``positions`` the token indices that belong to the text (None: all). A mention covers every
+    such token it overlaps (special and padding tokens, with empty offsets, never); one cut by truncation or
+    a window keeps its part inside, one with no token inside is dropped."""
+    offsets = offset_mapping.tolist() if hasattr(offset_mapping, "tolist") else offset_mapping
+    if positions is None:
+        tokens = [(k, s, e) for k, (s, e) in enumerate(offsets) if e > s]
+    else:
+        tokens = [(k, offsets[k][0], offsets[k][1]) for k in positions if offsets[k][1] > offsets[k][0]]
+    return _align(mentions, tokens)
+
+
 def mentions_to_tokens(
-    mentions: Sequence[Mention],
+    mentions: Sequence,
     offset_mapping: Sequence[Sequence[int]],
     sequence_ids: Sequence[int | None] | None = None,
     sequence: int = 0,
 ) -> list[tuple[int, int, int]]:
-    """Mentions -> (token_start, token_end_exclusive, entity) over a fast tokenizer's ``offset_mapping``
-    ([S, 2] char offsets, a list or a tensor). A mention is kept if it overlaps at least one real token;
-    special and padding tokens (empty offsets) are ignored, and with ``sequence_ids`` (from
-    ``encoding.sequence_ids(i)``) so are tokens of other sequences than ``sequence`` (e.g. the question
-    of a question/context pair). A mention cut by truncation keeps its tokens that remain."""
+    """:func:`align_mentions` over the tokens of one sequence of an encoding: with ``sequence_ids`` (from
+    ``encoding.sequence_ids(i)``) the tokens of ``sequence`` (e.g. 1: the context of a question/context
+    pair), else all. ValueError when the offsets of those tokens go backwards (a text pair without
+    ``sequence_ids``: the second sequence restarts its offsets at 0)."""
     offsets = offset_mapping.tolist() if hasattr(offset_mapping, "tolist") else offset_mapping
     if sequence_ids is not None and len(sequence_ids) != len(offsets):
         raise ValueError(f"sequence_ids has {len(sequence_ids)} entries for {len(offsets)} tokens")
-    # the real tokens of the sequence, in char order (offsets of one sequence are non-decreasing)
-    tokens = [
-        (k, s, e)
-        for k, (s, e) in enumerate(offsets)
-        if e > s and (sequence_ids is None or sequence_ids[k] == sequence)
-    ]
-    for a, b in zip(tokens, tokens[1:]):
-        if b[1] < a[1]:  # a second sequence restarts its offsets at 0
-            raise ValueError(f"offsets go backwards at token {b[0]}: a text pair? pass sequence_ids")
-    out: list[tuple[int, int, int]] = []
-    t = 0
-    for m in sorted(mentions, key=lambda m: (m.start_char, m.end_char)):
-        while t < len(tokens) and tokens[t][2] <= m.start_char:  # tokens wholly before the mention
-            t += 1
-        first = last = -1
-        u = t
-        while u < len(tokens) and tokens[u][1] < m.end_char:
-            first = tokens[u][0] if first < 0 else first
-            last = tokens[u][0]
-            u += 1
-        if first >= 0:
-            out.append((first, last + 1, m.entity))
-    return out
+    tokens = [(k, s, e) for k, (s, e) in enumerate(offsets)
+              if e > s and (sequence_ids is None or sequence_ids[k] == sequence)]
+    starts = [t[1] for t in tokens]
+    if starts != sorted(starts):
+        back = next(b for a, b in zip(tokens, tokens[1:]) if b[1] < a[1])
+        raise ValueError(f"offsets go backwards at token {back[0]}: a text pair? pass sequence_ids")
+    return _align(mentions, tokens)
 
 
-def token_entity_ids(spans: Sequence[tuple[int, int, int]], seq_len: int) -> list[int]:
-    """Per-token entity id of a sequence of ``seq_len`` tokens, -1 where unlinked (first span wins if two
-    share a token, which only tokenizers whose tokens cross word boundaries can cause)."""
-    out = [-1] * seq_len
-    for start, end, entity in spans:
-        if not 0 <= start < end <= seq_len:
-            raise ValueError(f"span ({start}, {end}) outside a sequence of {seq_len} tokens")
-        for k in range(start, end):
-            if out[k] < 0:
-                out[k] = entity
-    return out
+def fill_mentions(token_entity: list[int], spans: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Write token spans ``(token_start, token_end_exclusive, entity)`` into one row's ``token_entity`` (in
+    place; -1 = unlinked). A span overlapping an earlier one (or a token already linked) is dropped whole,
+    so that ``token_entity`` and ``mention_spans`` always agree. Returns the spans kept."""
+    kept = []
+    for s, e, ent in spans:
+        if not 0 <= s < e <= len(token_entity):
+            raise ValueError(f"span ({s}, {e}) outside a sequence of {len(token_entity)} tokens")
+        if all(token_entity[i] < 0 for i in range(s, e)):
+            token_entity[s:e] = [ent] * (e - s)
+            kept.append((s, e, ent))
+    return kept
+
+
+def spans_tensor(span_lists: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
+    """Per-row token spans -> ``mention_spans`` LongTensor [M, 4] of rows (batch_index, token_start,
+    token_end_exclusive, entity_id), in row order."""
+    rows = [(b, s, e, ent) for b, spans in enumerate(span_lists) for s, e, ent in spans]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
 
 
 def collate_mentions(
     span_lists: Sequence[Sequence[tuple[int, int, int]]], seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's spans -> ``token_entity`` LongTensor [B, seq_len] (-1 = not linked) and ``mention_spans``
-    LongTensor [M, 4] rows (batch_index, token_start, token_end_exclusive, entity_id), in batch order."""
-    token_entity = torch.tensor([token_entity_ids(spans, seq_len) for spans in span_lists], dtype=torch.long)
-    rows = [(b, s, e, ent) for b, spans in enumerate(span_lists) for s, e, ent in spans]
-    mention_spans = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
-    return token_entity.reshape(len(span_lists), seq_len), mention_spans
+    LongTensor [M, 4] (:func:`spans_tensor`) of the spans :func:`fill_mentions` keeps, in batch order."""
+    rows = [[-1] * seq_len for _ in span_lists]
+    kept = [fill_mentions(row, spans) for row, spans in zip(rows, span_lists)]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(span_lists), seq_len), spans_tensor(kept)

@@ -62,6 +62,17 @@ class FusedLM(nn.Module):
 
     The KG table is external (see :mod:`bikd.lm.fusion`): ``state_dict`` holds the encoder, W/g of the
     fusion sites and the heads; ``set_kg_table`` swaps the snapshot between steps.
+
+    Every training step's autograd graph holds the same parameters in the same order on every rank. A batch
+    skips the fusion sites when it links no token, ``entity_proj`` when it has no mention and
+    ``pair_classifier`` when it has no mention pair; under data parallelism a rank whose batch skips one
+    would then reduce a different set of gradients than the others (ZeRO packs gradients into buckets in
+    the order they become ready: a gloo "size mismatch" crash, or silently mixed-up sums). So with grad
+    enabled, ``forward`` first runs these modules on empty inputs with weight 0 (the *anchor*, which adds
+    exactly 0.0 to ``loss``): they always get a gradient, and since these ops are the oldest of the graph,
+    autograd (newest node first) finishes their gradients last, in the same order on every rank, whatever
+    the batch used. Under ZeRO-3 :meth:`conditional_parameters` must stay whole on every rank (a parameter
+    all-gather issued by one rank only would deadlock): see bikd.ray.lm_train.
     """
 
     def __init__(self, cfg: LMConfig, encoder: nn.Module, table: KGTable | None = None):
@@ -102,6 +113,22 @@ class FusedLM(nn.Module):
         self._check_relations(table)
         self.fused.set_entity_table(table)
 
+    # ---- one graph on every rank (see the class docstring) -------------------------------------------
+    def conditional_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the modules a batch may skip: ``entity_proj``, ``pair_classifier``, the fusion sites."""
+        modules = [self.entity_proj, self.pair_classifier, *self.fused.fusions.values()]
+        return [p for m in modules for p in m.parameters()]
+
+    def _anchor(self) -> Tensor:
+        """0.0, computed from every conditional module run on empty inputs."""
+        p = self.entity_proj.weight  # under ZeRO-3 possibly a partition, but device and dtype hold
+        H, d_e = self.entity_proj.in_features, self.fused.entity_dim
+        empty = lambda *shape: torch.zeros(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
+        terms = [self.entity_proj(empty(0, H)).sum(), self.pair_classifier(empty(0, 3 * H)).sum()]
+        for site in self.fused.fusions.values():
+            terms.append(site(empty(1, 1, H), torch.zeros(0, dtype=torch.long, device=p.device), empty(0, d_e)).sum())
+        return torch.stack(terms).sum() * 0.0
+
     # ---- forward ------------------------------------------------------------------------------------
     def _mask_alignments(self, token_entity: Tensor, spans: Tensor) -> Tensor:
         """ERNIE's dEA masking: unlink the tokens of a random subset of mentions (fusion off there)."""
@@ -113,6 +140,8 @@ class FusedLM(nn.Module):
         return token_entity.reshape(-1).index_fill(0, tokens, -1).view_as(token_entity)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # before the real forward, so that its ops are the oldest of the graph; no backward, nothing to line up
+        anchor = self._anchor() if torch.is_grad_enabled() else None
         input_ids = batch["input_ids"]
         B, S = input_ids.shape
         token_entity = batch.get("token_entity")
@@ -171,8 +200,9 @@ class FusedLM(nn.Module):
                     teacher = table.relation_scores(ents_dev[pairs[:, 0]], ents_dev[pairs[:, 1]]).to(hidden.device)
                     rel_loss = relation_distillation_loss(student, teacher, kd.temperature)
                     result["pair_logits"] = student
+        loss = task_loss + kd.entity_weight * ent_loss + kd.relation_weight * rel_loss
         result.update(
-            loss=task_loss + kd.entity_weight * ent_loss + kd.relation_weight * rel_loss,
+            loss=loss if anchor is None else loss + anchor,
             task_loss=task_loss, kd_entity_loss=ent_loss, kd_relation_loss=rel_loss,
             last_hidden_state=hidden,
         )

@@ -26,7 +26,7 @@ import torch
 
 from bikd.kg.text import KGText
 from bikd.kg.triples import IdMap, KGDataError
-from bikd.lm.squad import LinkFn, align_mentions, fill_mentions, spans_tensor
+from bikd.lm.linking import LinkFn, align_mentions, fill_mentions, spans_tensor
 from bikd.storage import Storage, join_url
 
 MASK = "[MASK]"

@@ -5,8 +5,8 @@ Only the SQuAD v1.1 *dev* set is available here: :func:`split_by_article` splits
 fixed seed into fine-tune and eval parts, and every reported number must say so (``SquadSplit.describe()``).
 Features follow HF's ``run_qa.py`` (prepare_train/validation_features), decoding its
 ``postprocess_qa_predictions``, the metric the official ``evaluate-v1.1.py``.
-Also here, shared by the other LM tasks: :func:`align_mentions` (linker char spans -> token spans) and
-:class:`TokenFeatures` (encoded rows -> batch dicts of the fusion model's contract).
+Also here, shared by the other LM tasks: :class:`TokenFeatures` (encoded rows -> batch dicts of the fusion
+model's contract; linker char spans become token spans with :mod:`bikd.lm.linking`'s helpers).
 """
 
 from __future__ import annotations
@@ -18,45 +18,17 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from bikd.kg.triples import KGDataError
+from bikd.lm.linking import LinkFn, fill_mentions, mentions_to_tokens, spans_tensor
 from bikd.storage import open_url
-
-#: ``link(text) -> [(start_char, end_char_exclusive, entity_id), ...]``; objects with ``start_char``,
-#: ``end_char`` and ``entity`` (bikd.lm.linking's Mention, so ``EntityLinker.link`` plugs in) work too
-LinkFn = Callable[[str], Sequence]
 
 
 # ---- shared feature helpers ------------------------------------------------------------------------
-
-def align_mentions(mentions: Sequence, offsets: Sequence[tuple[int, int]], positions: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Char-span mentions of one text (as ``LinkFn`` returns) -> ``(token_start, token_end_exclusive,
-    entity_id)``. ``offsets[i]`` is token i's char span in that text (the tokenizer's offset_mapping),
-    ``positions`` the token indices that belong to the text. A mention covers every such token it
-    overlaps; one cut by a window keeps its part inside, one with no token inside is dropped."""
-    out = []
-    for m in mentions:
-        start, end, entity = (m.start_char, m.end_char, m.entity) if hasattr(m, "start_char") else m
-        hit = [i for i in positions if offsets[i][0] < end and offsets[i][1] > start and offsets[i][0] < offsets[i][1]]
-        if hit:
-            out.append((hit[0], hit[-1] + 1, int(entity)))
-    return out
-
-
-def fill_mentions(token_entity: list[int], spans: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """Write spans into a row's ``token_entity`` (in place); a span overlapping an earlier one is dropped
-    so that ``token_entity`` and ``mention_spans`` always agree. Returns the spans kept."""
-    kept = []
-    for s, e, ent in spans:
-        if all(token_entity[i] < 0 for i in range(s, e)):
-            token_entity[s:e] = [ent] * (e - s)
-            kept.append((s, e, ent))
-    return kept
-
 
 @dataclass(kw_only=True, frozen=True)
 class TokenFeatures:
@@ -89,12 +61,6 @@ class TokenFeatures:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(self))
         for i in range(0, len(self), batch_size):
             yield self.batch(order[i : i + batch_size])
-
-
-def spans_tensor(rows: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
-    """Per-row token spans -> mention_spans [M, 4]."""
-    flat = [(r, s, e, ent) for r, spans in enumerate(rows) for s, e, ent in spans]
-    return torch.tensor(flat, dtype=torch.long).reshape(-1, 4)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -308,8 +274,8 @@ def build_features(
         offsets[i, [k for k, s in enumerate(seq) if s != 1]] = -1
         row, found = [-1] * len(input_ids), []
         if linked is not None:
-            found = align_mentions(linked(questions[sample]), off, [k for k, s in enumerate(seq) if s == 0])
-            found += align_mentions(linked(ex.context), off, ctx)
+            found = mentions_to_tokens(linked(questions[sample]), off, seq, 0)
+            found += mentions_to_tokens(linked(ex.context), off, seq, 1)
         spans.append(fill_mentions(row, found))
         token_entity.append(row)
         ids.append(ex.qid)

@@ -4,7 +4,6 @@
   article) as :class:`TaskData`, every rank holding the same encoded rows and iterating its own shard
   (:func:`shard`), so that every rank runs the same number of steps;
 - :func:`evaluate_task`: accuracy or SQuAD EM/F1 over the whole eval set, each rank scoring its shard;
-- :class:`StaticGraphLM`: the FusedLM with the same autograd graph on every rank (ZeRO needs it);
 - :func:`export_fused` / :func:`load_fused`: the trained model as ``save_pretrained`` encoder + tokenizer,
   the fusion sites, heads and KG snapshot as safetensors, and ``manifest.json`` written last.
 """
@@ -41,7 +40,7 @@ from bikd.lm.model import FusedLM, LMConfig
 from bikd.storage import Storage
 
 __all__ = ["TINY", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
-           "load_kg_table", "build_linker", "build_task_data", "evaluate_task", "StaticGraphLM", "state_digest",
+           "load_kg_table", "build_linker", "build_task_data", "evaluate_task", "state_digest",
            "export_fused", "load_fused", "load_fused_tokenizer", "default_squad_path"]
 
 #: ``encoder.name_or_path`` of the small random BERT of :func:`bikd.lm.encoder.tiny_bert` (tests, smoke runs)
@@ -248,47 +247,6 @@ def evaluate_task(model: nn.Module, data: TaskData, task: str, batch_size: int,
         return {"accuracy": triple_cls.accuracy(full["logits"], data.features.tensors["labels"]), "num_examples": len(data.features)}
     preds = squad.postprocess(data.features, full["start_logits"], full["end_logits"])
     return squad.evaluate(data.answers, preds)
-
-
-# ---- one graph on every rank ------------------------------------------------------------------------
-
-class StaticGraphLM(nn.Module):
-    """``FusedLM`` whose every parameter is in every step's autograd graph, in the same order on every rank.
-
-    FusedLM skips the fusion sites when a batch links no token, ``entity_proj`` when it has no mention and
-    ``pair_classifier`` when it has no mention pair. Under data parallelism a rank whose batch skips one then
-    reduces a different set of gradients than the others (ZeRO packs gradients into buckets in the order
-    they become ready: a gloo "size mismatch" crash, or silently mixed-up sums). So each forward first runs
-    these modules on empty inputs with weight 0: they always get a gradient, and since these ops are the
-    oldest of the graph, autograd (newest node first) finishes their gradients last, in the same order on
-    every rank, whatever the batch used. ``conditional_parameters`` must stay whole on every rank under
-    ZeRO-3 (a parameter all-gather issued by one rank only would deadlock): see bikd.ray.lm_train.
-    """
-
-    def __init__(self, lm: FusedLM):
-        super().__init__()
-        self.lm = lm
-
-    def conditional_parameters(self) -> list[nn.Parameter]:
-        modules = [self.lm.entity_proj, self.lm.pair_classifier, *self.lm.fused.fusions.values()]
-        return [p for m in modules for p in m.parameters()]
-
-    def _anchor(self) -> Tensor:
-        lm = self.lm
-        p = lm.entity_proj.weight  # under ZeRO-3 possibly a partition, but device and dtype hold
-        H, d_e = lm.entity_proj.in_features, lm.fused.entity_dim
-        empty = lambda *shape: torch.zeros(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
-        terms = [lm.entity_proj(empty(0, H)).sum(), lm.pair_classifier(empty(0, 3 * H)).sum()]
-        for site in lm.fused.fusions.values():
-            terms.append(site(empty(1, 1, H), torch.zeros(0, dtype=torch.long, device=p.device), empty(0, d_e)).sum())
-        return torch.stack(terms).sum() * 0.0
-
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not torch.is_grad_enabled():  # no backward, nothing to line up
-            return self.lm(batch)
-        anchor = self._anchor()  # before the real forward: see the class docstring
-        out = dict(self.lm(batch))
-        return {**out, "loss": out["loss"] + anchor}
 
 
 def state_digest(tensors: Mapping[str, Tensor]) -> str:

@@ -20,7 +20,8 @@ import torch
 
 from bikd.kg.text import KGText
 from bikd.kg.triples import KGSplits
-from bikd.lm.squad import LinkFn, TokenFeatures, align_mentions, fill_mentions, spans_tensor
+from bikd.lm.linking import LinkFn, align_mentions, fill_mentions, spans_tensor
+from bikd.lm.squad import TokenFeatures
 
 
 @dataclass(kw_only=True, frozen=True)

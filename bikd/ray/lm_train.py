@@ -33,12 +33,13 @@ from bikd.lm.encoder import EncoderConfig
 from bikd.lm.fusion import FusionConfig
 from bikd.lm.kd import KDConfig
 from bikd.lm.model import LMConfig
-from bikd.lm.train import (KGTableConfig, StaticGraphLM, TaskConfig, build_linker, build_lm, build_task_data,
+from bikd.lm.train import (KGTableConfig, TaskConfig, build_linker, build_lm, build_task_data,
                            default_squad_path, encoder_num_layers, evaluate_task, export_fused, load_kg_table,
                            state_digest)
 from bikd.storage import Storage, join_url, url_exists
 
 __all__ = ["DeepSpeedConfig", "TrainConfig", "FaultConfig", "LMJobConfig", "lm_config", "deepspeed_config",
+           "set_malloc_mmap_threshold",
            "ray_storage", "validate", "train_loop_per_worker", "run"]
 
 LOSSES = ("loss", "task_loss", "kd_entity_loss", "kd_relation_loss")
@@ -48,11 +49,23 @@ TAG, META = "deepspeed", "bikd_checkpoint.json"
 @dataclass(kw_only=True, frozen=True)
 class DeepSpeedConfig:
     """``zero_stage`` 0-3; ``bf16``: "auto" = on where the device has it (CUDA with bf16), off on CPU;
-    ``gradient_clipping``: max global grad norm (0 = off). No offload: the model fits each worker."""
+    ``gradient_clipping``: max global grad norm (0 = off). No offload: the model fits each worker.
+    ``bucket_numel``: elements per gradient reduce / all-gather bucket and per ZeRO-3 optimizer sub-group
+    (DeepSpeed's defaults, 5e8 and 1e9, are 2-4 GB fp32 buffers: more than the partitioned state saves on a
+    BERT-large); ``max_live_numel``
+    (ZeRO-3): gathered parameters kept resident, and the reuse distance under which one is not released
+    (DeepSpeed's default, 1e9, keeps a whole BERT-large gathered from forward to backward).
+    ``malloc_mmap_threshold``: bytes from which a worker's CPU allocations are mmapped and so go back to the
+    OS when freed (glibc ``mallopt``; 0 = glibc's adaptive default). ZeRO-3 gathers and frees every
+    parameter each step; with the adaptive default glibc serves those from its heap and keeps them, and a
+    BERT-large worker's RSS under ZeRO-3 grew past ZeRO-0's (8.3 vs 7.6 GB, bench/zero_memory.py)."""
 
     zero_stage: int = 2
     bf16: bool | Literal["auto"] = "auto"
     gradient_clipping: float = 1.0
+    bucket_numel: int = 50_000_000
+    max_live_numel: int = 50_000_000
+    malloc_mmap_threshold: int = 1 << 20
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -61,6 +74,11 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.bf16 must be true, false or 'auto', got {self.bf16!r}")
         if not self.gradient_clipping >= 0:
             raise ValueError(f"deepspeed.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        for name in ("bucket_numel", "max_live_numel"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"deepspeed.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.malloc_mmap_threshold <= 1 << 25:  # glibc's ceiling (HEAP_MAX / 2 on 64-bit)
+            raise ValueError(f"deepspeed.malloc_mmap_threshold must be in [0, 33554432] bytes, got {self.malloc_mmap_threshold}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -153,12 +171,16 @@ def lm_config(cfg: LMJobConfig) -> LMConfig:
 
 def deepspeed_config(cfg: LMJobConfig, *, total_steps: int, bf16: bool, persist_numel: int = 0) -> dict:
     """The DeepSpeed config dict. ZeRO-3 keeps parameters of up to ``persist_numel`` elements whole on every
-    rank (StaticGraphLM's conditional modules: an all-gather issued by one rank alone would deadlock) and
+    rank (FusedLM.conditional_parameters: an all-gather issued by one rank alone would deadlock) and
     does not prefetch (prefetching follows each rank's own trace of module calls, which may differ)."""
     t, ds = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2, 3):
+        zero.update(reduce_bucket_size=ds.bucket_numel, allgather_bucket_size=ds.bucket_numel)
     if ds.zero_stage == 3:
-        zero.update(stage3_param_persistence_threshold=max(int(1e5), persist_numel + 1), stage3_prefetch_bucket_size=0)
+        zero.update(stage3_param_persistence_threshold=max(int(1e5), persist_numel + 1), stage3_prefetch_bucket_size=0,
+                    stage3_max_live_parameters=ds.max_live_numel, stage3_max_reuse_distance=ds.max_live_numel,
+                    sub_group_size=ds.bucket_numel)
     return {
         "train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
         # torch's AdamW: DeepSpeed's fused CPU Adam needs a compiled extension
@@ -247,6 +269,21 @@ def _restore(engine, checkpoint, cfg: LMJobConfig, world: int) -> int:
     return int(client["step"])
 
 
+def set_malloc_mmap_threshold(num_bytes: int) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, num_bytes)`` in this process (fixes the threshold: glibc stops
+    adapting it); False where there is no glibc (macOS) or ``num_bytes`` is 0."""
+    import ctypes
+    import ctypes.util
+
+    if not num_bytes:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(num_bytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     """One rank: build data and model, resume, train, report, export. Returns (rank 0) the history of reports."""
     import deepspeed
@@ -257,6 +294,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if device.type == "cpu":
+        set_malloc_mmap_threshold(cfg.deepspeed.malloc_mmap_threshold)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     lm, tokenizer = build_lm(lm_config(cfg), table)
@@ -266,10 +305,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     train_data, eval_data = build_task_data(cfg.task, tokenizer, kg, linker, text=text, rank=rank, world_size=world)
     per_epoch = train_data.num_batches(cfg.train.batch_size)
     total = cfg.train.steps or cfg.train.epochs * per_epoch
-    model = StaticGraphLM(lm)
     bf16 = cfg.deepspeed.bf16 is True or (cfg.deepspeed.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    ds = deepspeed_config(cfg, total_steps=total, bf16=bf16, persist_numel=max(p.numel() for p in model.conditional_parameters()))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    ds = deepspeed_config(cfg, total_steps=total, bf16=bf16, persist_numel=max(p.numel() for p in lm.conditional_parameters()))
+    engine, *_ = deepspeed.initialize(model=lm, model_parameters=[p for p in lm.parameters() if p.requires_grad], config=ds)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731 (the KG table stays fp32)
 
     step, extra = 0, {"resumed_from_step": None}

@@ -61,7 +61,7 @@ def test_triple_classification_zero3(tmp_path):
 
 def squad_file(path: Path) -> Path:
     """Nine one-paragraph articles; only the "virus" one names UMLS entities (linked by label), so some
-    batches carry mentions on one rank and none on the other (the case StaticGraphLM exists for)."""
+    batches carry mentions on one rank and none on the other (the case FusedLM's anchor exists for)."""
     filler = "The study was repeated in a later year with the same careful methods and results. " * 2
     texts = [(f"A virus can infect a cell. {filler}", "What can infect a cell?", "A virus"),
              (f"{filler}The report was filed on time.", "What was filed?", "The report"),

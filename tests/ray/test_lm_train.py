@@ -89,6 +89,8 @@ def test_bad_config_fails_before_any_worker_starts(ray_local, tmp_path, override
     ("deepspeed.bf16=true", "bf16=true needs use_gpu=true"),
     ("debug.fail_at_step=2", "needs debug.marker"),
     ("train.stepz=2", "unknown config key 'stepz'"),
+    ("deepspeed.bucket_numel=0", "bucket_numel must be > 0"),
+    ("deepspeed.malloc_mmap_threshold=-1", "malloc_mmap_threshold must be in"),
 ])
 def test_invalid_values_are_rejected_when_the_config_is_built(override, message):
     with pytest.raises(ValueError, match=message):
@@ -104,3 +106,26 @@ def test_deepspeed_config_per_stage(stage):
     if stage == 3:  # the conditionally used modules stay whole on every rank; no trace-based prefetching
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 300_001
         assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
+        assert ds["zero_optimization"]["stage3_max_live_parameters"] == 50_000_000
+    if stage:  # bounded buffers: DeepSpeed's default bucket is 2 GB of fp32
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+
+
+def test_malloc_mmap_threshold_gives_freed_parameter_memory_back_to_the_os():
+    """What ZeRO-3 needs on CPU: parameters gathered and freed every step must not stay in glibc's heap."""
+    import subprocess
+    import sys
+    code = """
+import torch
+from pathlib import Path
+from bikd.ray.lm_train import set_malloc_mmap_threshold
+rss = lambda: int(Path('/proc/self/statm').read_text().split()[1]) * 4096 / 2**20
+assert set_malloc_mmap_threshold(1 << 20) and not set_malloc_mmap_threshold(0)
+base = rss()
+for _ in range(3):  # as ZeRO-3: gather (allocate) every layer's weights, use, release
+    ws = [torch.ones(1024, 1024) for _ in range(96)]  # 96 x 4 MiB
+    del ws
+print(rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 64, f"{out.stdout} MiB still resident after freeing 384 MiB"

@@ -11,10 +11,12 @@ from bikd.lm.linking import (
     EntityLinker,
     LinkerConfig,
     Mention,
+    align_mentions,
     collate_mentions,
+    fill_mentions,
     mentions_to_tokens,
     normalize,
-    token_entity_ids,
+    spans_tensor,
 )
 
 
@@ -151,7 +153,8 @@ def test_mentions_map_onto_wordpieces(tokenizer):
     assert start == 1 and pieces[start:end][0] == "gary" and len(pieces[start:end]) > 2
     for (start, end, _), m in zip(spans, mentions):
         assert tokenizer.decode(enc["input_ids"][start:end]).replace(" ", "") == m.surface.lower().replace(" ", "")
-    ids = token_entity_ids(spans, len(pieces))
+    ids = [-1] * len(pieces)
+    assert fill_mentions(ids, spans) == spans
     assert ids[0] == -1 and ids[-1] == -1 and ids.count(11) == 3  # schleswig - holstein
     assert [p for p, i in zip(pieces, ids) if i == 12] == ["chicago", "cubs"]
     # offsets as a tensor give the same spans
@@ -165,7 +168,7 @@ def test_truncation_cuts_a_mention_and_drops_the_rest(tokenizer):
     enc = tokenizer(TEXT, return_offsets_mapping=True, truncation=True, max_length=4)
     spans = mentions_to_tokens(mentions, enc["offset_mapping"])
     assert spans == [(1, 3, 10)]  # "gary ry" of Gary Rydstrom; the other two mentions are cut off
-    assert token_entity_ids(spans, 4) == [-1, 10, 10, -1]
+    assert collate_mentions([spans], 4)[0].tolist() == [[-1, 10, 10, -1]]
 
 
 def test_text_pair_needs_sequence_ids(tokenizer):
@@ -186,6 +189,28 @@ def test_mentions_without_real_tokens_are_dropped():
     mentions = [Mention(0, 4, 1, "aaaa"), Mention(5, 9, 2, "bbbb"), Mention(10, 14, 3, "cccc")]
     assert mentions_to_tokens(mentions, offsets) == [(1, 2, 1), (2, 3, 2)]
     assert mentions_to_tokens([], offsets) == []
+
+
+def test_align_mentions_takes_tuples_positions_and_keeps_the_input_order():
+    offsets = [(0, 0), (0, 4), (5, 9), (9, 10), (11, 15), (0, 0)]  # [CLS] aaaa bbbb . cccc [SEP]
+    mentions = [(11, 15, 3), Mention(0, 9, 1, "aaaa bbbb"), (5, 7, 2), (20, 24, 4)]
+    assert align_mentions(mentions, offsets) == [(4, 5, 3), (1, 3, 1), (2, 3, 2)]  # a partial overlap covers the token
+    assert align_mentions(mentions, offsets, range(2, 4)) == [(2, 3, 1), (2, 3, 2)]  # a window keeps what is inside
+    assert align_mentions(mentions, torch.tensor(offsets)) == align_mentions(mentions, offsets)
+    # tokens not in char order (never from one text of a fast tokenizer) are still matched one by one
+    assert align_mentions(mentions, offsets, [4, 1, 2]) == [(4, 5, 3), (1, 3, 1), (2, 3, 2)]
+
+
+def test_fill_mentions_drops_overlaps_so_rows_and_spans_agree():
+    row = [-1] * 6
+    assert fill_mentions(row, [(1, 3, 7), (2, 4, 8), (4, 6, 9)]) == [(1, 3, 7), (4, 6, 9)]
+    assert row == [-1, 7, 7, -1, 9, 9]
+    for bad in [(0, 7, 1)], [(2, 2, 1)], [(-1, 1, 1)]:
+        with pytest.raises(ValueError, match="outside"):
+            fill_mentions([-1] * 6, bad)
+    assert spans_tensor([[(1, 3, 7)], [], [(0, 1, 2)]]).tolist() == [[0, 1, 3, 7], [2, 0, 1, 2]]
+    token_entity, mention_spans = collate_mentions([[(1, 3, 7), (2, 4, 8)]], seq_len=5)
+    assert token_entity.tolist() == [[-1, 7, 7, -1, -1]] and mention_spans.tolist() == [[0, 1, 3, 7]]
 
 
 def test_collate_mentions_contract():

@@ -73,6 +73,37 @@ def test_backward_reaches_heads_gate_but_not_the_table():
     assert lm.table.entity.grad is None and not lm.table.entity.requires_grad
 
 
+def test_anchor_gives_skipped_modules_zero_gradients_and_leaves_outputs_unchanged(monkeypatch):
+    """A batch without mentions skips the fusion site and both KD heads; the anchor still puts every one of
+    their parameters in the graph (a zero gradient, not None) and adds exactly 0.0 to the loss."""
+    lm = model(kd=KDConfig(entity_weight=0.5, relation_weight=2.0)).eval()  # eval: no dropout, no masking
+    b = batch(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 3]))
+    b.update(token_entity=torch.full((B, S), -1), mention_spans=b["mention_spans"][:0])
+    conditional = {n: p for n, p in lm.named_parameters() if n.startswith(("entity_proj.", "pair_classifier.", "fused.fusions."))}
+    assert set(conditional) == {"entity_proj.weight", "entity_proj.bias", "pair_classifier.weight", "pair_classifier.bias",
+                                "fused.fusions.1.proj.weight", "fused.fusions.1.proj.bias", "fused.fusions.1.gate"}
+    assert {id(p) for p in lm.conditional_parameters()} == {id(p) for p in conditional.values()}
+    with torch.no_grad():  # no backward: no anchor
+        monkeypatch.setattr(lm, "_anchor", lambda: pytest.fail("anchor under no_grad"))
+        reference = lm(b)
+        monkeypatch.undo()
+    out = lm(b)
+    assert out["kd_entity_loss"].item() == 0.0 and out["kd_relation_loss"].item() == 0.0 and "pair_logits" not in out
+    for k in ("loss", "task_loss", "start_logits", "end_logits", "last_hidden_state"):
+        assert torch.equal(out[k], reference[k]), k
+    out["loss"].backward()
+    for name, p in conditional.items():
+        assert p.grad is not None and not p.grad.any(), name
+    assert dict(lm.named_parameters())["head.weight"].grad.abs().sum() > 0
+    # the same holds in training mode, and a batch with mentions still trains the heads
+    lm.train().zero_grad(set_to_none=True)
+    lm(b)["loss"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in conditional.values())
+    lm.zero_grad(set_to_none=True)
+    lm(batch(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 3])))["loss"].backward()
+    assert float(lm.entity_proj.weight.grad.abs().sum()) > 0 and float(lm.pair_classifier.weight.grad.abs().sum()) > 0
+
+
 def test_alignment_masking_unlinks_whole_mentions_in_training_only():
     lm = model(kd=KDConfig(alignment_mask_prob=0.5, seed=1))
     b = batch()
