@@ -161,15 +161,18 @@ def masked_mentions(data, args, mask_id: int) -> list[tuple[dict, torch.Tensor]]
     return out
 
 
+def encode(model: FusedLM, batch: dict, fused: bool) -> torch.Tensor:
+    """The encoder's last hidden states (B, S, H), fusing ``batch``'s linked tokens only when ``fused``."""
+    return model.fused(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                       token_entity=batch["token_entity"] if fused else None).last_hidden_state
+
+
 @torch.no_grad()
 def probe_features(model: FusedLM, batches, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     xs, ys = [], []
     for batch, spans in batches:
-        b = batch if fused else {k: v for k, v in batch.items() if k not in NO_KG}
-        hidden = model.fused(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
-                             token_entity=b.get("token_entity")).last_hidden_state
-        xs.append(mention_representations(hidden, spans))
+        xs.append(mention_representations(encode(model, batch, fused), spans))
         ys.append(spans[:, 3])
     return torch.cat(xs), torch.cat(ys)
 
@@ -190,11 +193,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, entity: torch.Tensor, see
 
 def probe_p1(model: FusedLM, facts, tokenizer, table: KGTable, head: nn.Module, fused: bool) -> float:
     def mention_vector(batch):
-        b = {k: v for k, v in batch.items() if k not in ("mention_spans", "mask_positions")}
-        if not fused:
-            b.pop("token_entity")
-        hidden = model.fused(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
-                             token_entity=b.get("token_entity")).last_hidden_state
+        hidden = encode(model, batch, fused)
         return head(hidden[torch.arange(len(hidden)), batch["mask_positions"]])
     model.eval()
     with torch.no_grad():
