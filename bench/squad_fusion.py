@@ -14,8 +14,14 @@ Wikidata aliases (``bikd.lm.linking``).
 ``FusedLM`` built under the seed) and take the same steps over the same windows in the same order:
 
 - *plain*: batches without ``token_entity``/``mention_spans``: fusion and KD idle, i.e. MiniLM + a QA head;
-- *fused*: entity fusion after ``--layers`` and both KD losses on (``KDConfig`` defaults: entity alignment
-  and relation distillation, weight 1 each, T = 2).
+- *fused*: entity fusion after ``--layers`` and both KD losses on (entity alignment and relation
+  distillation, T = 2), each with the weight ``w`` chosen below.
+
+**KD weight.** The losses' gradients differ in size (at step 0, entity alignment's norm is ~6x the QA
+loss's), and under global clipping a weight of 1 leaves the task a small share of each update. So ``w`` is
+chosen among ``--kd-weights`` by F1 on a by-article *held-out part of the fine-tune articles*
+(``TaskConfig.squad_holdout``: ``--select-train-questions`` fit / ``--select-eval-questions`` held out,
+first seed, plain run beside it for reference); the evaluation articles play no part in the choice.
 
 AdamW (lr ``--lr``, weight decay 0.01), 10% linear warmup then linear decay, gradient clipping at 1.0;
 attention-probability dropout ``--attention-dropout`` (default 0, MiniLM's is 0.1: with it torch's CPU
@@ -33,7 +39,8 @@ head (``entity_proj``), as ``probe_p1_fused_kd_head``.
 
     python bench/squad_fusion.py [--seeds 0 1 2] [--train-questions 2600] [--eval-questions 1000]
 
-The defaults fit about 45 minutes on 2 CPU cores (1 epoch over ~2,600 windows of 192 tokens per run);
+The defaults take about 100 minutes on 2 CPU cores (selection: 5 runs of ~110 steps; comparison: 6 runs of
+1 epoch over ~3,500 windows of 192 tokens);
 on a GPU use the full fine-tune part (``--train-questions 100000 --max-length 384 --doc-stride 128
 --epochs 2``).
 """
@@ -97,11 +104,11 @@ def teacher(kg, args) -> KGTable:
     return table
 
 
-def build_model(table: KGTable, args, seed: int) -> FusedLM:
+def build_model(table: KGTable, args, seed: int, kd_weight: float) -> FusedLM:
     torch.manual_seed(seed)
     encoder, _ = load_encoder(EncoderConfig())
-    cfg = LMConfig(task="qa", fusion=FusionConfig(layers=tuple(args.layers)), kd=KDConfig(seed=seed))
-    model = FusedLM(cfg, encoder, table)
+    kd = KDConfig(seed=seed, entity_weight=kd_weight, relation_weight=kd_weight)
+    model = FusedLM(LMConfig(task="qa", fusion=FusionConfig(layers=tuple(args.layers)), kd=kd), encoder, table)
     # dropout on the attention probabilities sends torch's CPU SDPA to its unfused path: 1.5x the step time
     attention = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
     assert len(attention) == encoder.config.num_hidden_layers
@@ -138,6 +145,34 @@ def finetune(model: nn.Module, data, args, seed: int, fused: bool) -> dict:
             if steps % 50 == 0:
                 print(f"  step {steps}/{total}: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in sums.items()), flush=True)
     return {"steps": steps, "train_s": time.perf_counter() - start, **{f"mean_{k}": v / steps for k, v in sums.items()}}
+
+
+def qa_task(args, data_dir: Path, *, holdout: bool, max_train: int, max_eval: int) -> TaskConfig:
+    return TaskConfig(name="qa", link=True, max_train=max_train, max_eval=max_eval, seed=0, squad_holdout=holdout,
+                      squad_path=str(data_dir / "squad-v1.1" / "dev-v1.1.json"),
+                      qa=squad.SquadFeaturesConfig(max_length=args.max_length, doc_stride=args.doc_stride,
+                                                   max_query_length=args.max_query_length))
+
+
+def select_kd_weight(table: KGTable, kg, linker, text, tokenizer, args, data_dir: Path) -> tuple[float, list[dict]]:
+    """The KD weight (entity and relation alike) with the best F1 on a held-out part of the *fine-tune*
+    articles (``TaskConfig.squad_holdout``), first seed only; the evaluation articles are not read.
+    Plain runs too, for reference."""
+    if len(args.kd_weights) == 1:
+        return args.kd_weights[0], []
+    task = qa_task(args, data_dir, holdout=True, max_train=args.select_train_questions,
+                   max_eval=args.select_eval_questions)
+    fit, held = build_task_data(task, tokenizer, kg, linker, text=text)
+    seed, runs = args.seeds[0], []
+    for weight in (None, *args.kd_weights):
+        model = build_model(table, args, seed, weight or 0.0)
+        log = finetune(model, fit, args, seed, fused=weight is not None)
+        scores = evaluate_task(model if weight is not None else Plain(model), held, "qa", args.eval_batch_size)
+        runs.append({"kd_weight": weight, "fit_windows": len(fit.features), "heldout_windows": len(held.features),
+                     **log, "em": scores["exact_match"], "f1": scores["f1"]})
+        print(f"  select: {runs[-1]}", flush=True)
+    best = max((r for r in runs if r["kd_weight"] is not None), key=lambda r: r["f1"])
+    return best["kd_weight"], runs
 
 
 def masked_mentions(data, args, mask_id: int) -> list[tuple[dict, torch.Tensor]]:
@@ -214,6 +249,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--attention-dropout", type=float, default=0.0, help="MiniLM's own is 0.1 (slow on CPU)")
     p.add_argument("--layers", type=int, nargs="+", default=[3])
+    p.add_argument("--kd-weights", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
+                   help="KD weight candidates (entity = relation); several: chosen on held-out fine-tune articles")
+    p.add_argument("--select-train-questions", type=int, default=1300)
+    p.add_argument("--select-eval-questions", type=int, default=500)
     p.add_argument("--kge-epochs", type=int, default=30)
     p.add_argument("--probe-windows", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
@@ -230,10 +269,9 @@ def main() -> None:
     table = teacher(kg, args)
     linker = build_linker(kg, text)
     _, tokenizer = load_encoder(EncoderConfig())
-    task = TaskConfig(name="qa", link=True, max_train=args.train_questions, max_eval=args.eval_questions, seed=0,
-                      squad_path=str(data_dir / "squad-v1.1" / "dev-v1.1.json"),
-                      qa=squad.SquadFeaturesConfig(max_length=args.max_length, doc_stride=args.doc_stride,
-                                                   max_query_length=args.max_query_length))
+    kd_weight, selection = select_kd_weight(table, kg, linker, text, tokenizer, args, data_dir)
+    print(f"KD weight {kd_weight}", flush=True)
+    task = qa_task(args, data_dir, holdout=False, max_train=args.train_questions, max_eval=args.eval_questions)
     train, evaluation = build_task_data(task, tokenizer, kg, linker, text=text)
     facts = probe.load_lama_trex(str(data_dir / "lama-trex"), probe.wikidata_to_entity(text, kg.entities))
     fit_batches = masked_mentions(train, args, tokenizer.mask_token_id)
@@ -249,7 +287,7 @@ def main() -> None:
         for fused in (False, True):
             name = "fused" if fused else "plain"
             print(f"seed {seed} {name}", flush=True)
-            model = build_model(table, args, seed)
+            model = build_model(table, args, seed, kd_weight)
             log = finetune(model, train, args, seed, fused)
             t = time.perf_counter()
             scores = evaluate_task(model if fused else Plain(model), evaluation, "qa", args.eval_batch_size)
@@ -275,13 +313,13 @@ def main() -> None:
         "em_plain_mean": statistics.mean(col("plain", "em")), "em_fused_mean": statistics.mean(col("fused", "em")),
         "probe_p1_plain": statistics.mean(col("plain", "probe_p1")), "probe_p1_fused": statistics.mean(col("fused", "probe_p1")),
         "probe_p1_fused_kd_head": statistics.mean(col("fused", "probe_p1_kd_head")),
-        "num_seeds": len(args.seeds), **{k: float(v) for k, v in data.items()},
+        "kd_weight": kd_weight, "num_seeds": len(args.seeds), **{k: float(v) for k, v in data.items()},
         "minutes_total": (time.perf_counter() - start) / 60,
     }
     details = {"split": "SQuAD v1.1 dev split by article (seed 0, 20% of articles evaluate); "
                         f"{args.train_questions} fine-tune / {args.eval_questions} eval questions sampled (seed 0 / 1)",
                "args": vars(args), "teacher": f"TransE (configs/kge_fb15k237_transe.yaml), {args.kge_epochs} epochs",
-               "runs": runs, "f1_gains": gains}
+               "kd_weight_selection": selection, "runs": runs, "f1_gains": gains}
     print(write_result("squad_fusion", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
 
 

@@ -53,7 +53,10 @@ class TaskConfig:
     """``name``: ``"triple_cls"`` (true/corrupted triples of the KG, ``eval_split`` for evaluation) or ``"qa"``
     (SQuAD v1.1 dev split by article: ``squad_eval_fraction`` of the articles evaluate, the rest fine-tune).
     ``max_train``/``max_eval``: at most this many positive triples / questions, a seeded sample (None: all).
-    ``link``: tag entity mentions found in the text (relation texts, questions, contexts) for fusion and KD."""
+    ``link``: tag entity mentions found in the text (relation texts, questions, contexts) for fusion and KD.
+    ``squad_holdout``: for choosing hyperparameters, evaluate on a by-article held-out part of the *fine-tune*
+    articles (the same fraction, split again with ``seed + 1``) and fine-tune on the rest; the eval articles
+    are then never read."""
 
     name: Literal["triple_cls", "qa"] = "triple_cls"
     classifier_dropout: float = 0.1
@@ -65,6 +68,7 @@ class TaskConfig:
     eval_split: Literal["valid", "test"] = "valid"
     squad_path: str | None = None
     squad_eval_fraction: float = 0.2
+    squad_holdout: bool = False
     qa: squad.SquadFeaturesConfig = field(default_factory=squad.SquadFeaturesConfig)
 
     def __post_init__(self):
@@ -205,6 +209,8 @@ def build_task_data(cfg: TaskConfig, tokenizer, kg: KGSplits, linker: EntityLink
         return out[0], out[1]
     finetune, evaluation = squad.split_by_article(squad.load_squad(cfg.squad_path or default_squad_path()),
                                                   cfg.squad_eval_fraction, cfg.seed)
+    if cfg.squad_holdout:
+        finetune, evaluation = squad.split_by_article(finetune, cfg.squad_eval_fraction, cfg.seed + 1)
     train_ex = _sample(squad.examples_of(finetune), cfg.max_train, cfg.seed)
     eval_ex = _sample(squad.examples_of(evaluation), cfg.max_eval, cfg.seed + 1)
     return (TaskData(squad.build_features(train_ex, tokenizer, cfg.qa, link), rank, world_size),

@@ -3,6 +3,7 @@ and FusedLM's same autograd graph on every rank."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -157,3 +158,15 @@ def test_static_graph_gives_every_rank_the_same_gradient_order(anchor, table, um
     assert (orders[0] == orders[1]) == anchor  # without the anchor, no mentions skips the KD heads and fusion
     if anchor:
         assert set(orders[0]) == {n for n, _ in model.named_parameters()}
+
+
+def test_squad_holdout_never_reads_the_eval_articles(table, umls, tmp_path):
+    _, tok = tiny_lm("qa", table)
+    cfg = TaskConfig(name="qa", squad_path=squad_file(tmp_path), squad_eval_fraction=0.5,
+                     qa=SquadFeaturesConfig(max_length=48, doc_stride=8, max_query_length=12))
+    train, evaluation = build_task_data(cfg, tok, umls, None)
+    fit, held = build_task_data(dataclasses.replace(cfg, squad_holdout=True), tok, umls, None)
+    article = lambda data: {qid[1] for qid in data.answers}  # noqa: E731  ids are q<article><question>
+    assert len(article(evaluation)) == 2 and len(article(held)) == 1
+    assert not article(held) & article(evaluation)  # held-out questions come from fine-tune articles
+    assert len(fit.features) == len(train.features) // 2  # and leave training with the other one
