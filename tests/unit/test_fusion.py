@@ -268,6 +268,8 @@ def test_encoder_config_validation():
         EncoderConfig(name_or_path="")
     with pytest.raises(ValueError):
         EncoderConfig(attn_implementation="flash")
+    with pytest.raises(ValueError, match="attention_dropout"):
+        EncoderConfig(attention_dropout=1.0)
 
 
 @pytest.mark.slow
@@ -283,6 +285,10 @@ def test_default_minilm_loads_offline():
     with torch.no_grad():
         out = FusedEncoder(model, FusionConfig(layers=(2,), entity_dim=8))(**enc)
     assert out.last_hidden_state.shape == (1, enc["input_ids"].shape[1], 384)
+    # MiniLM's own attention dropout, or none when asked (torch's fused CPU attention needs none)
+    attention_dropout = lambda m: {a.dropout.p for a in m.modules() if type(a).__name__.endswith("SelfAttention")}  # noqa: E731
+    assert attention_dropout(model) == {0.1}
+    assert attention_dropout(load_encoder(EncoderConfig(attention_dropout=0.0))[0]) == {0.0}
 
 
 def test_fusion_site_in_bf16_takes_float32_rows():
