@@ -42,7 +42,8 @@ def loop(config: dict) -> dict:
 
     torch.set_num_threads(1)
     stage, batch, seq = config["stage"], config["batch_size"], config["seq_len"]
-    extra = {} if config["mmap_threshold"] is None else {"malloc_mmap_threshold": config["mmap_threshold"]}
+    names = {"mmap_threshold": "malloc_mmap_threshold", "bucket_numel": "bucket_numel", "max_live_numel": "max_live_numel"}
+    extra = {field: config[key] for key, field in names.items() if config[key] is not None}
     job = LMJobConfig(train=TrainConfig(batch_size=batch, lr=1e-5), deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=False, **extra))
     set_malloc_mmap_threshold(job.deepspeed.malloc_mmap_threshold)  # as bikd's LM job does on CPU
     ds = deepspeed_config(job, total_steps=config["steps"] + 1, bf16=False)
@@ -100,7 +101,8 @@ def run_stage(stage: int, args) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(loop, train_loop_config={"stage": stage, "steps": args.steps, "batch_size": args.batch_size,
-                                                    "seq_len": args.seq_len, "mmap_threshold": args.mmap_threshold},
+                                                    "seq_len": args.seq_len, "mmap_threshold": args.mmap_threshold,
+                                                    "bucket_numel": args.bucket_numel, "max_live_numel": args.max_live_numel},
                            torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name=f"zero_memory_stage{stage}", storage_path=args.storage))
@@ -118,6 +120,9 @@ def main() -> None:
     p.add_argument("--storage", default="/tmp/bikd_zero_memory")
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="deepspeed.malloc_mmap_threshold (bytes; 0: glibc's adaptive default); default: bikd's")
+    p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    p.add_argument("--bucket-numel", type=int, default=None, help="deepspeed.bucket_numel; default: bikd's")
+    p.add_argument("--max-live-numel", type=int, default=None, help="deepspeed.max_live_numel; default: bikd's")
     args = p.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -141,7 +146,7 @@ def main() -> None:
     details = {"model": f"random BertModel {BERT_LARGE} + Linear(1024, 2)", "workers": "2 Ray Train workers, 1 CPU and "
                "1 torch thread each, gloo", "batch": f"{args.batch_size} x {args.seq_len} random token ids per worker",
                "optimizer": "DeepSpeed AdamW (torch_adam), fp32", "runs": {str(s): r for s, r in runs.items()}}
-    print(write_result("zero_memory", metrics, details))
+    print(write_result("zero_memory", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ TAG, META = "deepspeed", "bikd_checkpoint.json"
 
 @dataclass(kw_only=True, frozen=True)
 class DeepSpeedConfig:
-    """``zero_stage`` 0-3; ``bf16``: "auto" = on where the device has it (CUDA with bf16), off on CPU;
+    """``zero_stage`` 0-3; ``bf16``: "auto" = on where the device has it (CUDA with bf16), off on CPU; true =
+    on, CPU included (torch's CPU bf16 kernels: fast only on CPUs with AMX or AVX512-BF16);
     ``gradient_clipping``: max global grad norm (0 = off). No offload: the model fits each worker.
     ``bucket_numel``: elements per gradient reduce / all-gather bucket and per ZeRO-3 optimizer sub-group
     (DeepSpeed's defaults, 5e8 and 1e9, are 2-4 GB fp32 buffers: more than the partitioned state saves on a
@@ -158,8 +159,6 @@ class LMJobConfig:
             raise ValueError(f"name must be a non-empty folder name without '/' and storage_path non-empty, got {self.name!r}")
         if self.max_failures < -1 or self.keep_checkpoints < 1:
             raise ValueError(f"max_failures must be >= -1 and keep_checkpoints >= 1, got {self.max_failures}, {self.keep_checkpoints}")
-        if self.deepspeed.bf16 is True and not self.use_gpu:
-            raise ValueError("deepspeed.bf16=true needs use_gpu=true (CPU runs are fp32; 'auto' picks per device)")
         if self.debug.fail_at_step is not None and not 0 <= self.debug.fail_rank < self.num_workers:
             raise ValueError(f"debug.fail_rank {self.debug.fail_rank} is not a rank of {self.num_workers} workers")
 
@@ -310,7 +309,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     engine, *_ = deepspeed.initialize(model=lm, model_parameters=[p for p in lm.parameters() if p.requires_grad], config=ds)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731 (the KG table stays fp32)
 
-    step, extra = 0, {"resumed_from_step": None}
+    step, extra = 0, {"resumed_from_step": None, "bf16": bf16}
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         step = extra["resumed_from_step"] = _restore(engine, checkpoint, cfg, world)
         if cfg.debug.param_digest:

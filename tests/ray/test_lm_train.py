@@ -72,6 +72,16 @@ def test_zero2_checkpoints_on_s3_and_a_second_run_resumes(ray_local, s3_url, s3_
     check_export(second, **options)
 
 
+def test_zero2_in_bf16_on_cpu_trains_resumes_and_exports_fp32_masters(ray_local, tmp_path):
+    """The bf16 path (autocast + DeepSpeed's bf16 optimizer with fp32 master weights), run on CPU."""
+    first = run(job("deepspeed.zero_stage=2", "deepspeed.bf16=true", "train.steps=2", storage_path=str(tmp_path)))
+    assert first.metrics["bf16"] is True and first.metrics["step"] == 2
+    assert 0 < first.metrics["task_loss"] < 10 and first.metrics["kd_entity_loss"] > 0
+    check_export(first)  # the fp32 masters, not bf16 copies
+    second = run(job("deepspeed.zero_stage=2", "deepspeed.bf16=true", "train.steps=4", storage_path=str(tmp_path)))
+    assert second.metrics["resumed_from_step"] == 2 and second.metrics["resume_digest"] == first.metrics["param_digest"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("fusion.layers=[3]", "fusion.layers [3]: encoder 'tiny' has 2 layers"),
     ("num_workers=3", "3 workers x 1.0 CPUs (use_gpu=False) do not fit the Ray cluster"),
@@ -86,7 +96,7 @@ def test_bad_config_fails_before_any_worker_starts(ray_local, tmp_path, override
 
 @pytest.mark.parametrize("override, message", [
     ("deepspeed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3"),
-    ("deepspeed.bf16=true", "bf16=true needs use_gpu=true"),
+    ("deepspeed.bf16=sometimes", "'deepspeed.bf16': expected Union\\[bool, Literal\\['auto'\\]\\], got 'sometimes'"),
     ("debug.fail_at_step=2", "needs debug.marker"),
     ("train.stepz=2", "unknown config key 'stepz'"),
     ("deepspeed.bucket_numel=0", "bucket_numel must be > 0"),
