@@ -118,7 +118,7 @@ def test_deepspeed_config_per_stage(stage):
         assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
         assert ds["zero_optimization"]["stage3_max_live_parameters"] == 50_000_000
     if stage:  # bounded buffers: DeepSpeed's default bucket is 2 GB of fp32
-        assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 20_000_000
 
 
 def test_malloc_mmap_threshold_gives_freed_parameter_memory_back_to_the_os():
