@@ -12,7 +12,7 @@ the peak up to the end of ``deepspeed.initialize`` and the peaks of each step's 
 optimizer step (``VmHWM``, reset through ``/proc/self/clear_refs`` before each phase). The step time is the median of the timed steps on rank 0 (all ranks
 step together).
 
-    python bench/zero_memory.py [--stages 0,2,3] [--steps 3]
+    python bench/zero_memory.py [--stages 0,2,3] [--steps 6]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", default="0,2,3")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one untimed)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per stage (after one untimed); step times are noisy")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--storage", default="/tmp/bikd_zero_memory")
