@@ -106,15 +106,9 @@ def teacher(kg, args) -> KGTable:
 
 def build_model(table: KGTable, args, seed: int, kd_weight: float) -> FusedLM:
     torch.manual_seed(seed)
-    encoder, _ = load_encoder(EncoderConfig())
+    encoder, _ = load_encoder(EncoderConfig(attention_dropout=args.attention_dropout))
     kd = KDConfig(seed=seed, entity_weight=kd_weight, relation_weight=kd_weight)
-    model = FusedLM(LMConfig(task="qa", fusion=FusionConfig(layers=tuple(args.layers)), kd=kd), encoder, table)
-    # dropout on the attention probabilities sends torch's CPU SDPA to its unfused path: 1.5x the step time
-    attention = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
-    assert len(attention) == encoder.config.num_hidden_layers
-    for m in attention:
-        m.dropout.p = args.attention_dropout
-    return model
+    return FusedLM(LMConfig(task="qa", fusion=FusionConfig(layers=tuple(args.layers)), kd=kd), encoder, table)
 
 
 def finetune(model: nn.Module, data, args, seed: int, fused: bool) -> dict:

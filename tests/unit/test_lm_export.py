@@ -19,7 +19,7 @@ from bikd.lm.squad import SquadFeaturesConfig
 from bikd.lm.train import (MANIFEST, TINY, KGTableConfig, TaskConfig, build_linker, build_lm,
                            build_task_data, evaluate_task, export_fused, load_fused, load_fused_tokenizer,
                            load_kg_table, shard, state_digest)
-from bikd.lm.encoder import EncoderConfig
+from bikd.lm.encoder import EncoderConfig, load_tokenizer
 from bikd.kge.models import ModelConfig
 from bikd.kge.training import KGETrainConfig
 from bikd.storage import Storage
@@ -160,8 +160,8 @@ def test_static_graph_gives_every_rank_the_same_gradient_order(anchor, table, um
         assert set(orders[0]) == {n for n, _ in model.named_parameters()}
 
 
-def test_squad_holdout_never_reads_the_eval_articles(table, umls, tmp_path):
-    _, tok = tiny_lm("qa", table)
+def test_squad_holdout_never_reads_the_eval_articles(umls, tmp_path):
+    tok = load_tokenizer()
     cfg = TaskConfig(name="qa", squad_path=squad_file(tmp_path), squad_eval_fraction=0.5,
                      qa=SquadFeaturesConfig(max_length=48, doc_stride=8, max_query_length=12))
     train, evaluation = build_task_data(cfg, tok, umls, None)
