@@ -41,6 +41,8 @@ head (``entity_proj``), as ``probe_p1_fused_kd_head``.
 
 The defaults take about 100 minutes on 2 CPU cores (selection: 5 runs of ~110 steps; comparison: 6 runs of
 1 epoch over ~3,500 windows of 192 tokens);
+``--selection-from bench/results/squad_fusion.json`` reuses an earlier run's KD weight selection (same
+recipe, checked) so that a run with more seeds costs only its comparison runs (~22 minutes per seed);
 on a GPU use the full fine-tune part (``--train-questions 100000 --max-length 384 --doc-stride 128
 --epochs 2``).
 """
@@ -152,6 +154,8 @@ def select_kd_weight(table: KGTable, kg, linker, text, tokenizer, args, data_dir
     """The KD weight (entity and relation alike) with the best F1 on a held-out part of the *fine-tune*
     articles (``TaskConfig.squad_holdout``), first seed only; the evaluation articles are not read.
     Plain runs too, for reference."""
+    if args.selection_from:
+        return selection_from(args)
     if len(args.kd_weights) == 1:
         return args.kd_weights[0], []
     task = qa_task(args, data_dir, holdout=True, max_train=args.select_train_questions,
@@ -167,6 +171,30 @@ def select_kd_weight(table: KGTable, kg, linker, text, tokenizer, args, data_dir
         print(f"  select: {runs[-1]}", flush=True)
     best = max((r for r in runs if r["kd_weight"] is not None), key=lambda r: r["f1"])
     return best["kd_weight"], runs
+
+
+# the arguments a selection depends on: a recorded choice carries over only to a run with the same ones
+SELECTION_ARGS = ("seeds", "max_length", "doc_stride", "max_query_length", "epochs", "batch_size", "lr",
+                  "attention_dropout", "layers", "kd_weights", "select_train_questions", "select_eval_questions",
+                  "kge_epochs")
+
+
+def selection_from(args) -> tuple[float, list[dict]]:
+    """The KD weight and selection runs recorded in an earlier squad_fusion JSON (same recipe), so that a
+    run with more seeds need not repeat the selection; the runs are tagged with that JSON's commit."""
+    import json
+
+    old = json.loads(Path(args.selection_from).read_text())
+    if old.get("benchmark") != "squad_fusion" or not old["details"].get("kd_weight_selection"):
+        raise ValueError(f"{args.selection_from}: not a squad_fusion result with a KD weight selection")
+    for key in SELECTION_ARGS:
+        mine, theirs = vars(args)[key], old["details"]["args"][key]
+        if key == "seeds":  # the selection used the first seed only
+            mine, theirs = mine[0], theirs[0]
+        if mine != theirs:
+            raise ValueError(f"{args.selection_from}: selected with {key}={theirs}, this run has {key}={mine}")
+    runs = [{**r, "commit": old["commit"]} for r in old["details"]["kd_weight_selection"]]
+    return old["metrics"]["kd_weight"], runs
 
 
 def masked_mentions(data, args, mask_id: int) -> list[tuple[dict, torch.Tensor]]:
@@ -245,6 +273,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[3])
     p.add_argument("--kd-weights", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
                    help="KD weight candidates (entity = relation); several: chosen on held-out fine-tune articles")
+    p.add_argument("--selection-from", default=None,
+                   help="an earlier squad_fusion JSON whose KD weight selection (same recipe) this run reuses")
     p.add_argument("--select-train-questions", type=int, default=1300)
     p.add_argument("--select-eval-questions", type=int, default=500)
     p.add_argument("--kge-epochs", type=int, default=30)
@@ -313,7 +343,9 @@ def main() -> None:
     details = {"split": "SQuAD v1.1 dev split by article (seed 0, 20% of articles evaluate); "
                         f"{args.train_questions} fine-tune / {args.eval_questions} eval questions sampled (seed 0 / 1)",
                "args": vars(args), "teacher": f"TransE (configs/kge_fb15k237_transe.yaml), {args.kge_epochs} epochs",
-               "kd_weight_selection": selection, "runs": runs, "f1_gains": gains}
+               "kd_weight_selection": selection,
+               "kd_weight_selected_in": selection[0].get("commit", "this run") if selection else "given",
+               "runs": runs, "f1_gains": gains}
     print(write_result("squad_fusion", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
 
 
