@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -181,9 +182,7 @@ SELECTION_ARGS = ("seeds", "max_length", "doc_stride", "max_query_length", "epoc
 
 def selection_from(args) -> tuple[float, list[dict]]:
     """The KD weight and selection runs recorded in an earlier squad_fusion JSON (same recipe), so that a
-    run with more seeds need not repeat the selection; the runs are tagged with that JSON's commit."""
-    import json
-
+    run with more seeds need not repeat the selection; each run is tagged with the commit it ran at."""
     old = json.loads(Path(args.selection_from).read_text())
     if old.get("benchmark") != "squad_fusion" or not old["details"].get("kd_weight_selection"):
         raise ValueError(f"{args.selection_from}: not a squad_fusion result with a KD weight selection")
@@ -193,7 +192,8 @@ def selection_from(args) -> tuple[float, list[dict]]:
             mine, theirs = mine[0], theirs[0]
         if mine != theirs:
             raise ValueError(f"{args.selection_from}: selected with {key}={theirs}, this run has {key}={mine}")
-    runs = [{**r, "commit": old["commit"]} for r in old["details"]["kd_weight_selection"]]
+    # a selection already carried over keeps the commit it ran at
+    runs = [{"commit": old["commit"], **r} for r in old["details"]["kd_weight_selection"]]
     return old["metrics"]["kd_weight"], runs
 
 
