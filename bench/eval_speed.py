@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA_DIR, gemm_gflops, write_result  # noqa: E402
+from bench.common import DATA_DIR, gemm_gflops, add_common_args, start_run  # noqa: E402
 from bikd.eval import EvalConfig, evaluate  # noqa: E402
 from bikd.kg.datasets import load_dataset  # noqa: E402
 from bikd.kge.models import TransE  # noqa: E402
@@ -57,7 +57,9 @@ def main() -> None:
     p.add_argument("--train-epochs", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test triples (smoke run)")
     p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
     args = p.parse_args()
+    run = start_run("eval_speed", args)
 
     d = load_dataset("fb15k237", path=args.data_dir)
     test = d.test[: args.limit] if args.limit else d.test
@@ -125,7 +127,7 @@ def main() -> None:
         "filter": "train + valid + test",
         "per_metric": {k: {"bikd": a, "pykeen": b} for k, (a, b, _) in diffs.items()},
     }
-    path = write_result("eval_speed", metrics, details, suffix="" if not args.limit else "_smoke")
+    path = run.write(metrics, details, suffix="" if not args.limit else "_smoke")
     print(f"speedup {metrics['speedup_vs_pykeen']:.1f}x (cold {metrics['speedup_vs_pykeen_cold']:.1f}x), "
           f"{100 * metrics['fraction_of_matmul_bound']:.0f}% of the GEMM bound -> {path}")
 

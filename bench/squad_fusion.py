@@ -63,7 +63,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA_DIR, write_result  # noqa: E402
+from bench.common import DATA_DIR, add_common_args, start_run  # noqa: E402
 from bikd.config import from_dict  # noqa: E402
 from bikd.kg.datasets import load_dataset, load_text  # noqa: E402
 from bikd.kge.training import KGETrainConfig  # noqa: E402
@@ -187,7 +187,7 @@ def selection_from(args) -> tuple[float, list[dict]]:
     if old.get("benchmark") != "squad_fusion" or not old["details"].get("kd_weight_selection"):
         raise ValueError(f"{args.selection_from}: not a squad_fusion result with a KD weight selection")
     for key in SELECTION_ARGS:
-        mine, theirs = vars(args)[key], old["details"]["args"][key]
+        mine, theirs = vars(args)[key], (old.get("args") or old["details"]["args"])[key]  # (args moved to the top)
         if key == "seeds":  # the selection used the first seed only
             mine, theirs = mine[0], theirs[0]
         if mine != theirs:
@@ -283,7 +283,9 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--cache", default="/tmp/bikd_squad_fusion")
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    add_common_args(p)
     args = p.parse_args()
+    run = start_run("squad_fusion", args)
     torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     start = time.perf_counter()
@@ -342,11 +344,11 @@ def main() -> None:
     }
     details = {"split": "SQuAD v1.1 dev split by article (seed 0, 20% of articles evaluate); "
                         f"{args.train_questions} fine-tune / {args.eval_questions} eval questions sampled (seed 0 / 1)",
-               "args": vars(args), "teacher": f"TransE (configs/kge_fb15k237_transe.yaml), {args.kge_epochs} epochs",
+               "teacher": f"TransE (configs/kge_fb15k237_transe.yaml), {args.kge_epochs} epochs",
                "kd_weight_selection": selection,
                "kd_weight_selected_in": selection[0].get("commit", "this run") if selection else "given",
                "runs": runs, "f1_gains": gains}
-    print(write_result("squad_fusion", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
+    print(run.write(metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
 
 
 if __name__ == "__main__":

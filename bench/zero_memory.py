@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import add_common_args, start_run  # noqa: E402
 
 BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
@@ -123,7 +123,9 @@ def main() -> None:
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     p.add_argument("--bucket-numel", type=int, default=None, help="deepspeed.bucket_numel; default: bikd's")
     p.add_argument("--max-live-numel", type=int, default=None, help="deepspeed.max_live_numel; default: bikd's")
+    add_common_args(p)
     args = p.parse_args()
+    run = start_run("zero_memory", args)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         runs = {}
@@ -146,7 +148,7 @@ def main() -> None:
     details = {"model": f"random BertModel {BERT_LARGE} + Linear(1024, 2)", "workers": "2 Ray Train workers, 1 CPU and "
                "1 torch thread each, gloo", "batch": f"{args.batch_size} x {args.seq_len} random token ids per worker",
                "optimizer": "DeepSpeed AdamW (torch_adam), fp32", "runs": {str(s): r for s, r in runs.items()}}
-    print(write_result("zero_memory", metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
+    print(run.write(metrics, details, out_dir=Path(args.out_dir) if args.out_dir else None))
 
 
 if __name__ == "__main__":
