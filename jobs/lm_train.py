@@ -8,20 +8,23 @@ jobs/kge_train.py). ``task.name=qa`` fine-tunes extractive QA on a by-article sp
 Joins the cluster at $RAY_ADDRESS, else starts a local Ray. Rank 0 logs every report as it happens; at the end
 the job prints the history (total, task and KD losses; eval metrics), the final eval metric and the export
 path, and writes <storage_path>/<name>/metrics.json. Running it again with the same ``name`` and
-``storage_path`` resumes from the latest checkpoint (e.g. with a larger ``train.steps``).
+``storage_path`` resumes from the latest checkpoint (e.g. with a larger ``train.steps``) and keeps the whole
+history; on a finished run with the same length it says so and changes nothing. The run folder records its
+dataset, task and encoder and refuses a run with others (``--set name=...`` picks another folder).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 
 import ray
 
-from bikd.config import add_config_args, config_from_args, dump_yaml, to_dict
+from bikd.cli import job_parser, parse_job_config, run_main
+from bikd.config import dump_yaml, to_dict
 from bikd.ray.lm_train import LMJobConfig, run, validate
+from bikd.runs import RunDir
 from bikd.storage import Storage
 
 
@@ -41,18 +44,22 @@ def line(row: dict) -> str:
     return text + "".join(f"  {k} {v:.4f}" for k, v in evals.items())
 
 
-def main() -> None:
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    try:
-        cfg = validate(config_from_args(LMJobConfig, parser.parse_args()))
-    except (ValueError, FileNotFoundError) as e:  # before any work: no Ray, no run folder
-        parser.error(str(e))
+def train(cfg: LMJobConfig) -> int:
     print(dump_yaml(cfg), flush=True)
+    storage = Storage(cfg.storage_path, cfg.storage_options)
+    folder = RunDir(storage.child(cfg.name), {"job": "lm_train", "dataset": cfg.data.name, "data": cfg.data.source,
+                                              "task": cfg.task.name, "encoder": cfg.encoder.name_or_path},
+                    choose="choose another run name with --set name=...")
+    length = {"steps": cfg.train.steps, "epochs": cfg.train.epochs}
+    done = folder.finished() if folder.check() else None  # another run's folder is refused before Ray starts
+    if done and done.get("length") == length:
+        print(f"{folder.url}: this run finished at step {done['step']}; its results are in "
+              f"{storage.url_of(f'{cfg.name}/metrics.json')}. Nothing to do (raise train.steps to train on).")
+        return 0
+    folder.claim(to_dict(cfg))
     start_ray(cfg)
     try:
         result = run(cfg)
-    except ValueError as e:  # the cluster lacks the resources: still before any worker started
-        parser.error(str(e))
     finally:
         ray.shutdown()
 
@@ -62,15 +69,22 @@ def main() -> None:
     for row in out["history"]:
         print(line(row))
     if cfg.task.name == "triple_cls":
-        print(f"eval (triple classification, {cfg.data.dataset} {cfg.task.eval_split} triples + as many corruptions, "
+        print(f"eval (triple classification, {cfg.data.name} {cfg.task.eval_split} triples + as many corruptions, "
               f"{final['eval_num_examples']} rows): accuracy {final['eval_accuracy']:.4f}")
     else:
         print(f"eval (SQuAD v1.1 dev split by article, {final['eval_num_questions']} held-out questions): "
               f"exact_match {final['eval_exact_match']:.2f}  f1 {final['eval_f1']:.2f}")
     print(f"export: {out['export']}")
-    storage = Storage(cfg.storage_path, cfg.storage_options)
     storage.write_text(f"{cfg.name}/metrics.json", json.dumps({"config": to_dict(cfg), **out, "final": final}, indent=2))
+    folder.mark_finished(step=final["step"], length=length)
     print(f"metrics: {storage.url_of(f'{cfg.name}/metrics.json')}")
+    return 0
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    args, cfg = parse_job_config(parser, LMJobConfig, check=validate)
+    run_main(lambda: train(cfg), args.debug)
 
 
 if __name__ == "__main__":

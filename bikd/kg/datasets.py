@@ -10,17 +10,24 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
 from bikd.kg.text import KGText, load_entity_text, load_relation_text, load_wikidata
-from bikd.kg.triples import SPLITS, KGSplits, UnknownPolicy, build_splits, read_triples
-from bikd.storage import join_url, url_exists
+from bikd.kg.triples import SPLITS, KGDataError, KGSplits, UnknownPolicy, build_splits, read_triples
+from bikd.storage import Storage, join_url, url_exists
 
 PYKEEN_EMBEDDED = ("nations", "kinships", "umls")
+KNOWN_DATASETS = (*PYKEEN_EMBEDDED, "fb15k237")
+
+
+def _dataset_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
 
 
 def _pykeen_dataset_dir(name: str) -> str:
@@ -32,7 +39,7 @@ def _pykeen_dataset_dir(name: str) -> str:
 
 def dataset_dir(name_or_path: str, path: str | None = None) -> str:
     """The directory URL a dataset name or path resolves to."""
-    key = name_or_path.lower().replace("-", "").replace("_", "")
+    key = _dataset_key(name_or_path)
     if key in PYKEEN_EMBEDDED:
         return _pykeen_dataset_dir(key)
     if key == "fb15k237":
@@ -46,6 +53,17 @@ def dataset_dir(name_or_path: str, path: str | None = None) -> str:
     return name_or_path
 
 
+def _check_dir(root: str, storage_options: Mapping | None) -> None:
+    """A missing folder or a file where a folder belongs, said in words (fsspec would raise
+    NotADirectoryError for ``<file>/train.txt``)."""
+    storage = Storage(root, dict(storage_options or {}))
+    if storage.fs.isdir(storage.root):
+        return
+    what = "is a file" if storage.exists() else "does not exist"
+    raise KGDataError(root, None, f"{what}; expected a folder holding train.txt, valid.txt and test.txt "
+                                  "(head<TAB>relation<TAB>tail per line)")
+
+
 def load_dataset(
     name_or_path: str,
     *,
@@ -53,12 +71,16 @@ def load_dataset(
     unknown: UnknownPolicy = "drop",
     id_map_from: str = "train",
     storage_options: Mapping | None = None,
+    name: str | None = None,
 ) -> KGSplits:
     """Load the three splits over one id map; valid/test triples with entities unknown to train are
-    dropped and counted (PyKEEN's behaviour) unless ``unknown='error'``."""
+    dropped and counted (PyKEEN's behaviour) unless ``unknown='error'``. ``name`` labels the result
+    (default: the built-in name, else the folder URL)."""
     root = dataset_dir(name_or_path, path)
+    _check_dir(root, storage_options)
     raw = {s: read_triples(join_url(root, f"{s}.txt"), storage_options) for s in SPLITS}
-    name = name_or_path if name_or_path.lower() in PYKEEN_EMBEDDED + ("fb15k237",) else root
+    if name is None:
+        name = name_or_path if _dataset_key(name_or_path) in KNOWN_DATASETS else root
     return build_splits(name, raw, unknown=unknown, id_map_from=id_map_from)  # type: ignore[arg-type]
 
 
@@ -82,17 +104,61 @@ def load_text(name_or_path: str, *, path: str | None = None, storage_options: Ma
 
 @dataclass(kw_only=True, frozen=True)
 class DataConfig:
-    #: a name (nations, kinships, umls, fb15k237) or a directory URL with train/valid/test.txt
-    dataset: str = "umls"
-    #: directory of a named dataset that is not embedded (fb15k237)
+    """Which KG a job reads. One way to name each kind of KG:
+
+    - an embedded set: ``dataset: nations | kinships | umls`` (the default, umls, when neither key is set);
+    - FB15k-237: ``dataset: fb15k237`` with its folder in ``path`` (or $BIKD_FB15K237_DIR / $BIKD_DATA_DIR);
+    - a KG of your own: ``path: <folder URL>`` alone (local, ``file://``, ``s3://``), holding train.txt,
+      valid.txt and test.txt; the run is labelled with the folder's name.
+
+    A key that would be ignored is an error (``path`` with an embedded set; a folder in ``dataset``).
+    """
+
+    #: nations, kinships, umls or fb15k237; null: umls, or the KG at ``path``
+    dataset: str | None = None
+    #: folder URL of fb15k237, or of a KG of your own (then leave ``dataset`` unset)
     path: str | None = None
     #: valid/test triples whose entities train lacks: dropped and counted, or an error
     unknown: Literal["drop", "error"] = "drop"
 
     def __post_init__(self):
-        if not self.dataset:
-            raise ValueError("data.dataset is empty")
+        if self.dataset is not None:
+            key = _dataset_key(self.dataset)
+            if key not in PYKEEN_EMBEDDED + ("fb15k237",):
+                if "/" in self.dataset or "\\" in self.dataset or os.path.exists(self.dataset):
+                    raise ValueError(f"data.dataset names a built-in dataset ({', '.join(KNOWN_DATASETS)}), got the "
+                                     f"location {self.dataset!r}: put a KG of your own in data.path instead")
+                close = difflib.get_close_matches(key, KNOWN_DATASETS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"data.dataset {self.dataset!r} is not a built-in dataset{hint}; expected one of "
+                                 f"{', '.join(KNOWN_DATASETS)}, or leave it unset and put a KG folder in data.path")
+            if key in PYKEEN_EMBEDDED and self.path is not None:
+                raise ValueError(f"data.path {self.path!r} would be ignored: data.dataset {self.dataset!r} is embedded "
+                                 f"(PyKEEN's wheel). Drop data.dataset to train on the KG at data.path, or drop data.path")
+        if self.path is not None and not self.path.strip():
+            raise ValueError("data.path is empty")
+
+    @property
+    def name(self) -> str:
+        """The run's label: the built-in set's name, else the KG folder's name."""
+        if self.dataset is not None:
+            return _dataset_key(self.dataset)
+        if self.path is not None:
+            return posixpath.basename(self.path.rstrip("/")) or self.path
+        return "umls"
+
+    @property
+    def source(self) -> str:
+        """What ``load_dataset`` is given: a built-in name or the folder URL."""
+        if self.dataset is None and self.path is not None:
+            return self.path
+        return self.dataset or "umls"
 
 
 def load_from_config(cfg: DataConfig) -> KGSplits:
-    return load_dataset(cfg.dataset, path=cfg.path, unknown=cfg.unknown)
+    return load_dataset(cfg.source, path=cfg.path if cfg.dataset is not None else None, unknown=cfg.unknown,
+                        name=cfg.name)
+
+
+def text_from_config(cfg: DataConfig) -> KGText:
+    return load_text(cfg.source, path=cfg.path if cfg.dataset is not None else None)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Mapping
 
-from bikd.kg.triples import KGDataError
+from bikd.kg.triples import KGDataError, decode_line, strip_bom
 from bikd.storage import open_url
 
 
@@ -35,10 +35,8 @@ def _read_two_columns(url: str, storage_options: Mapping | None) -> dict[str, st
     out: dict[str, str] = {}
     with open_url(url, "rb", dict(storage_options or {})) as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise KGDataError(url, lineno, f"not valid UTF-8 at byte {e.start}", raw[:80].decode("utf-8", "replace")) from None
+            # a kept BOM would make the first id '\ufeff/m/...', which no triple names
+            line, _ = strip_bom(decode_line(url, lineno, raw).rstrip("\r\n"))
             if not line.strip() or line.startswith("#"):
                 continue
             key, sep, value = line.partition("\t")
@@ -69,7 +67,8 @@ def load_relation_text(url: str, storage_options: Mapping | None = None) -> dict
 def load_wikidata(url: str, storage_options: Mapping | None = None) -> dict[str, WikidataEntry]:
     with open_url(url, "rb", dict(storage_options or {})) as f:
         try:
-            data = json.loads(f.read().decode("utf-8"))
+            # utf-8-sig: json.loads refuses a str that starts with a BOM ("Unexpected UTF-8 BOM")
+            data = json.loads(f.read().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             line = getattr(e, "lineno", None)
             raise KGDataError(url, line, f"not valid UTF-8 JSON: {e}") from None

@@ -1,14 +1,16 @@
 """Triples from TSV files, id maps, and train/valid/test splits that share one id map.
 
 Files are read through fsspec (local paths, ``file://``, ``s3://``). A line is ``head<TAB>relation<TAB>tail``;
-CRLF line ends, blank lines and ``#`` comments are tolerated. Every problem is reported as a
-:class:`KGDataError` naming the file, the line, the offending text and what was expected.
+CRLF line ends, blank lines, ``#`` comments, a UTF-8 byte-order mark and whitespace around a column are
+tolerated, and everything the loader drops, strips or merges is counted (:meth:`KGSplits.load_counts`), so a
+run's output says what it did to the file. Every problem is reported as a :class:`KGDataError` naming the
+file, the line, the offending text and what was expected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -28,29 +30,63 @@ class KGDataError(ValueError):
         super().__init__(f"{where}: {problem}{got}")
 
 
+BOM = "\ufeff"
+# Editors on Windows write a UTF-16 BOM; such a file fails UTF-8 decoding at byte 0, which alone says little.
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def strip_bom(line: str) -> tuple[str, bool]:
+    """``line`` without a leading byte-order mark, and whether it had one. Not only the file's first line:
+    files joined with ``cat`` carry their BOMs into the middle, and a kept BOM is an invisible extra label."""
+    if line.startswith(BOM):
+        return line[len(BOM):], True
+    return line, False
+
+
+def decode_line(url: str, lineno: int, raw: bytes) -> str:
+    """One line as text, or a KGDataError naming the byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        hint = ": the file starts with a UTF-16 byte-order mark; save it as UTF-8" if lineno == 1 and raw.startswith(_UTF16_BOMS) else ""
+        raise KGDataError(url, lineno, f"not valid UTF-8 at byte {e.start}{hint}", raw[:80].decode("utf-8", "replace")) from None
+
+
 @dataclass(frozen=True)
 class RawTriples:
-    """Label triples of one file in file order, with the 1-based line number each came from."""
+    """Label triples of one file in file order, with the 1-based line number each came from.
+
+    The counts after ``num_duplicates`` default to 0 so that callers building one by hand keep working.
+    ``num_labels_merged`` counts the raw spellings (``' foo'``, ``'foo '``) that became a label another
+    spelling in the file also produced, separately for entities and relations: ``'foo'`` with ``' foo'``
+    is 1, ``' foo'`` with ``'foo '`` is 2; a lone ``' foo'`` is only stripped, not merged.
+    """
 
     url: str
     triples: tuple[tuple[str, str, str], ...]
     lines: tuple[int, ...]
     num_duplicates: int
+    bom_stripped: int = 0
+    num_whitespace_stripped: int = 0
+    num_labels_merged: int = 0
+    merged_examples: tuple[str, ...] = ()
 
 
 def read_triples(url: str, storage_options: Mapping | None = None) -> RawTriples:
-    """Parse a triples TSV; duplicates are counted and dropped (first occurrence kept)."""
+    """Parse a triples TSV; duplicates are counted and dropped (first occurrence kept), a leading BOM is
+    stripped, and columns are stripped of surrounding whitespace, counting the labels that merges."""
     seen: set[tuple[str, str, str]] = set()
     triples: list[tuple[str, str, str]] = []
     lines: list[int] = []
-    num_duplicates = 0
+    num_duplicates = bom_stripped = num_whitespace_stripped = 0
+    # per namespace (0: entities, 1: relations; an entity and a relation may share a label without merging):
+    # labels some field spelled exactly, and label -> {padded spelling: first line} for the others
+    exact: tuple[set[str], set[str]] = (set(), set())
+    padded: tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]] = ({}, {})
     with open_url(url, "rb", dict(storage_options or {})) as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise KGDataError(url, lineno, f"not valid UTF-8 at byte {e.start}", raw[:80].decode("utf-8", "replace")) from None
-            line = line.rstrip("\r\n")
+            line, had_bom = strip_bom(decode_line(url, lineno, raw).rstrip("\r\n"))
+            bom_stripped += had_bom
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             cols = line.split("\t")
@@ -60,6 +96,12 @@ def read_triples(url: str, storage_options: Mapping | None = None) -> RawTriples
             for name, value in (("head", h), ("relation", r), ("tail", t)):
                 if not value:
                     raise KGDataError(url, lineno, f"empty {name} column", line[:200])
+            for ns, col, label in ((0, cols[0], h), (1, cols[1], r), (0, cols[2], t)):
+                if col == label:
+                    exact[ns].add(label)
+                else:
+                    num_whitespace_stripped += 1
+                    padded[ns].setdefault(label, {}).setdefault(col, lineno)
             triple = (h, r, t)
             if triple in seen:
                 num_duplicates += 1
@@ -69,7 +111,15 @@ def read_triples(url: str, storage_options: Mapping | None = None) -> RawTriples
             lines.append(lineno)
     if not triples:
         raise KGDataError(url, None, "holds no triples (empty, or only blank lines and comments)")
-    return RawTriples(url, tuple(triples), tuple(lines), num_duplicates)
+    merged: list[tuple[int, str]] = []
+    for ns in (0, 1):
+        for label, spellings in padded[ns].items():
+            if len(spellings) + (label in exact[ns]) > 1:
+                merged += [(ln, f"{url}:{ln}: {sp!r} merged into {label!r}") for sp, ln in spellings.items()]
+    merged.sort()
+    return RawTriples(url, tuple(triples), tuple(lines), num_duplicates, bom_stripped=bom_stripped,
+                      num_whitespace_stripped=num_whitespace_stripped, num_labels_merged=len(merged),
+                      merged_examples=tuple(m for _, m in merged[:5]))
 
 
 @dataclass(frozen=True)
@@ -103,13 +153,33 @@ class IdMap:
 
 @dataclass(frozen=True)
 class SplitReport:
-    """What loading one split did to its file: the counts a user checks against the paper."""
+    """What loading one split did to its file: the counts a user checks against the paper. The fields
+    after ``dropped_examples`` came later and default to 0 so positional constructions keep working."""
 
     url: str
     num_triples: int
     num_duplicates: int
     num_dropped_unknown: int
     dropped_examples: tuple[str, ...] = ()
+    bom_stripped: int = 0
+    num_whitespace_stripped: int = 0
+    num_labels_merged: int = 0
+    merged_examples: tuple[str, ...] = ()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# Every count the loader drops, strips or merges: the keys of load_counts() and, when nonzero, the words of
+# summary(). One table so a new count cannot reach the metrics and miss the printed summary, or the reverse.
+LOAD_COUNTS: tuple[tuple[str, Callable[[int], str]], ...] = (
+    ("bom_stripped", lambda n: "stripped a UTF-8 BOM" if n == 1 else f"stripped {n} UTF-8 BOMs"),
+    ("num_whitespace_stripped", lambda n: f"stripped surrounding whitespace from {_plural(n, 'column')}"),
+    ("num_labels_merged", lambda n: f"merged {_plural(n, 'label')} differing only by surrounding whitespace"),
+    ("num_duplicates", lambda n: f"dropped {_plural(n, 'duplicate triple')}"),
+    ("num_dropped_unknown", lambda n: f"dropped {n} with unknown ids"),
+)
 
 
 @dataclass(frozen=True)
@@ -145,11 +215,23 @@ class KGSplits:
         e, r = self.entities.labels, self.relations.labels
         return [(e[h], r[rel], e[t]) for h, rel, t in self.split(split).tolist()]
 
+    def load_counts(self) -> dict[str, int]:
+        """Flat counts for a job's metrics: sizes, and per split every count of :data:`LOAD_COUNTS`, zeros
+        included so that the keys are the same for every dataset (``train.num_duplicates``, ...)."""
+        out = {"num_entities": self.num_entities, "num_relations": self.num_relations}
+        for s in SPLITS:
+            rep = self.reports[s]
+            out[f"{s}.num_triples"] = int(rep.num_triples)
+            out.update({f"{s}.{key}": int(getattr(rep, key)) for key, _ in LOAD_COUNTS})
+        return out
+
     def summary(self) -> str:
+        """One line: sizes, and per split every nonzero count of what loading dropped, stripped or merged."""
         parts = [f"{self.name}: {self.num_entities} entities, {self.num_relations} relations"]
         for s in SPLITS:
             rep = self.reports[s]
-            parts.append(f"{s} {rep.num_triples}" + (f" (dropped {rep.num_dropped_unknown} with unknown ids)" if rep.num_dropped_unknown else ""))
+            done = [words(n) for key, words in LOAD_COUNTS if (n := int(getattr(rep, key)))]
+            parts.append(f"{s} {rep.num_triples}" + (f" ({'; '.join(done)})" if done else ""))
         return "; ".join(parts)
 
 
@@ -170,7 +252,9 @@ def map_triples(
             continue
         ids.append((entities.to_id[h], relations.to_id[r], entities.to_id[t]))
     tensor = torch.tensor(ids, dtype=torch.long).reshape(-1, 3)
-    report = SplitReport(raw.url, len(ids), raw.num_duplicates, len(dropped), tuple(dropped[:5]))
+    report = SplitReport(raw.url, len(ids), raw.num_duplicates, len(dropped), tuple(dropped[:5]),
+                         bom_stripped=raw.bom_stripped, num_whitespace_stripped=raw.num_whitespace_stripped,
+                         num_labels_merged=raw.num_labels_merged, merged_examples=raw.merged_examples)
     return tensor, report
 
 

@@ -15,7 +15,7 @@ A step is split so that the rows can come from anywhere (a local table, or remot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -40,8 +40,8 @@ class KGETrainConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.epochs < 1:  # 0 would "train" nothing and still evaluate, export and mine a random model
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
 class StepPlan(NamedTuple):
@@ -178,9 +178,19 @@ class LocalTrainer:
                                rows=rel_rows)
         return loss
 
-    def train_epoch(self) -> float:
-        losses = [self.step(batch) for batch in self.batches]
+    def train_epoch(self, stop: Callable[[], bool] | None = None) -> float:
+        """The rest of the current epoch; mean loss of its steps. ``stop`` is asked after every step: when it
+        says so the epoch ends early, and ``mid_epoch`` is true (the next call continues where it ended)."""
+        losses = []
+        for batch in self.batches:
+            losses.append(self.step(batch))
+            if stop is not None and stop():
+                break
         return sum(losses) / max(len(losses), 1)
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.batches.offset != 0
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "entity_opt": self.entity_opt.state_dict(),

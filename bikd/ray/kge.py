@@ -429,3 +429,30 @@ class ShardedKGE:
     def shutdown(self) -> None:
         for actor in self._actors():
             ray.kill(actor)
+
+
+class ShardedEpochs:
+    """:class:`ShardedKGE` as a ``bikd.kge.loop.EpochTrainer``: a stop request waits for the running epoch
+    (the trainers run it without the driver), the checkpoint is the sharded one."""
+
+    unit = "the current epoch"
+    mid_epoch = False
+
+    def __init__(self, sharded: ShardedKGE):
+        self.sharded = sharded
+
+    def train_epoch(self, stop) -> dict:  # noqa: ARG002 - an epoch runs to its end
+        return self.sharded.train_epoch()
+
+    def model(self) -> KGEModel:
+        return self.sharded.model(self.sharded.snapshot())
+
+    def checkpoint(self, storage: Storage, epochs_done: int) -> str:
+        assert self.sharded.epoch == epochs_done, (self.sharded.epoch, epochs_done)
+        return self.sharded.checkpoint(storage)
+
+    def restore(self, storage: Storage, name: str) -> None:
+        self.sharded.restore(storage, name)
+
+    def delete(self, storage: Storage, name: str) -> None:
+        storage.delete(name, recursive=True)

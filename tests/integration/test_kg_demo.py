@@ -32,7 +32,7 @@ def test_demo_trains_evaluates_and_versions_the_kg(tmp_path):
     assert "test (filtered, realistic): mrr" in first.stdout
     metrics = json.loads(Storage(run_dir).read_text("metrics-v1.json"))
     assert metrics["test"]["both.mrr"] > 0.4  # a random model on Nations scores about 0.29
-    second = run_demo("data.dataset=nations", "train.epochs=1", f"run_dir={run_dir}", "num_mined=3")
+    second = run_demo("data.dataset=nations", "train.epochs=1", "train.model.dim=32", f"run_dir={run_dir}", "num_mined=3")
     assert second.returncode == 0, second.stderr
     store = KGStore(Storage(run_dir).child("kg"))
     assert [v.kind for v in store.versions()] == ["gold", "mined", "mined"]

@@ -60,7 +60,7 @@ def test_local_backend_on_a_dataset_directory(tmp_path):
     for split in ("train", "valid", "test"):
         shutil.copy(Path(dataset_dir("umls")) / f"{split}.txt", data / f"{split}.txt")
     run_dir = tmp_path / "run"
-    result = run_job("backend=local", "train.epochs=6", "eval_every=3", f"data.dataset=file://{data}", f"run_dir={run_dir}")
+    result = run_job("backend=local", "train.epochs=6", "eval_every=3", "data.dataset=null", f"data.path=file://{data}", f"run_dir={run_dir}")
     check_run(result, run_dir, epochs=6, eval_every=3)
     assert "Ray" not in result.stdout + result.stderr
 

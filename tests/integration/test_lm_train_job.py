@@ -110,3 +110,22 @@ def test_shipped_config_validates(monkeypatch):
     cfg = load_config(job.LMJobConfig, str(CONFIG))
     assert (cfg.task.name, cfg.data.dataset, cfg.encoder.name_or_path, cfg.num_workers) == ("triple_cls", "umls", "minilm", 2)
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.bf16 == "auto" and cfg.kg.export is None
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_history_and_a_finished_run_changes_nothing(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("train.steps")] + ["task.max_train=24", "task.max_eval=8",
+                                                                   f"storage_path={tmp_path}", "name=r"]
+    assert run_job(*tiny, "train.steps=2").returncode == 0
+    longer = run_job(*tiny, "train.steps=4")
+    assert longer.returncode == 0, longer.stderr[-4000:]
+    assert "resumed from the checkpoint of step 2" in longer.stdout
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [row["step"] for row in metrics["history"]] == [1, 2, 3, 4]  # not only the steps after the resume
+    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    again = run_job(*tiny, "train.steps=4")
+    assert again.returncode == 0 and "this run finished at step 4" in again.stdout, again.stdout[-2000:]
+    assert "RayTrainWorker" not in again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
+    other = run_job(*tiny, "train.steps=4", "task.name=qa")
+    assert other.returncode == 1 and "belongs to another run" in other.stderr and "Traceback" not in other.stderr

@@ -41,7 +41,8 @@ def test_zero3_worker_killed_resumes_then_a_second_run_continues(ray_local, tmp_
     # rank 1 died after step 3; the worker group restarted from the step-2 checkpoint and finished
     assert marker.read_text().startswith("rank 1 exited at step 3")
     assert first.metrics["step"] == 4 and first.metrics["resumed_from_step"] == 2
-    assert [row["step"] for row in first.return_value["history"]] == [4]  # the attempt after the restart
+    # the step-2 report comes back with its checkpoint, step 4 is the attempt after the restart
+    assert [row["step"] for row in first.return_value["history"]] == [2, 4]
     assert 0.0 <= first.metrics["eval_accuracy"] <= 1.0 and first.metrics["task_loss"] > 0
     assert first.metrics["kd_entity_loss"] > 0 and first.metrics["kd_relation_loss"] > 0
     assert sorted(p.name for p in (tmp_path / "ckpt" / "run" / "checkpoint_000000004" / "deepspeed").iterdir()) == [
@@ -50,6 +51,7 @@ def test_zero3_worker_killed_resumes_then_a_second_run_continues(ray_local, tmp_
 
     second = run(job("deepspeed.zero_stage=3", "train.steps=6", storage_path=str(tmp_path / "ckpt")))
     assert second.metrics["resumed_from_step"] == 4 and second.metrics["step"] == 6
+    assert [row["step"] for row in second.return_value["history"]] == [2, 4, 6]  # the whole history, not since the resume
     assert second.metrics["resume_digest"] == first.metrics["param_digest"]  # weights as checkpointed
     assert second.metrics["param_digest"] != first.metrics["param_digest"]
     check_export(second)
