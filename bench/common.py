@@ -130,6 +130,7 @@ class Run:
     allow_dirty: bool
     date: str
     loadavg_start: list[float]
+    machine: str = field(default_factory=lambda: machine())  # at start: torch's thread count before the run sets its own
     started: float = field(default_factory=time.perf_counter)
 
     def write(self, metrics: dict[str, float], details: dict | None = None, suffix: str = "",
@@ -143,7 +144,7 @@ class Run:
             "benchmark": self.name,
             "commit": self.commit,
             "allow_dirty": self.allow_dirty,
-            "machine": machine(),
+            "machine": self.machine,
             "date": self.date,
             "date_end": _now(),
             "wall_seconds": round(time.perf_counter() - self.started, 1),

@@ -113,3 +113,16 @@ def test_bikd_commit_names_a_copy_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("BIKD_COMMIT", "0123456789ab")
     run = start_run("demo", parse(), repo=copy)
     assert run.commit == "0123456789ab" and not run.allow_dirty
+
+
+def test_machine_is_described_at_start(repo, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    run = start_run("demo", parse(), repo=repo)
+    try:
+        torch.set_num_threads(threads + 1)  # a benchmark sets its own thread counts as it goes
+        record = json.loads(run.write({"x": 1.0}, out_dir=tmp_path).read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert f"({threads} threads)" in record["machine"]
