@@ -24,8 +24,9 @@ import types
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import fsspec
 import yaml
+
+from bikd.storage import read_url
 
 __all__ = ["add_config_args", "apply_overrides", "config_from_args", "dump_yaml", "from_dict", "load_config", "to_dict"]
 
@@ -229,9 +230,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: str) -> Mapping[str, Any]:
+    # through bikd.storage: an S3 endpoint that never answers fails with a StorageError naming the file
     try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        text = read_url(path).decode("utf-8")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config file not found: {path}") from e
     try:

@@ -28,7 +28,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from bikd.kg.datasets import DataConfig, load_from_config, load_text
+from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
 from bikd.lm.encoder import EncoderConfig
 from bikd.lm.fusion import FusionConfig
 from bikd.lm.kd import KDConfig
@@ -197,14 +197,14 @@ def ray_storage(url: str, storage_options: dict | None = None):
     """RunConfig's ``(storage_path, storage_filesystem)``: a local path made absolute (workers run in their
     own working directory), any other URL through its fsspec filesystem (s3fs: endpoint and credentials from
     ``storage_options`` or the AWS env vars) wrapped for pyarrow, without listing caches (a resumed run must
-    see the checkpoints written since)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    see the checkpoints written since), with bikd's timeouts and attempts (see bikd.storage) so that a stalled
+    endpoint fails the checkpoint with a StorageError instead of hanging the run."""
+    from bikd.storage import pyarrow_filesystem
 
     protocol, path = fsspec.core.split_protocol(url)
     if protocol in (None, "file", "local"):
         return os.path.abspath(path), None
-    fs = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False, **(storage_options or {}))
-    return fs._strip_protocol(url).rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+    return pyarrow_filesystem(url, storage_options, skip_instance_cache=True, use_listings_cache=False)
 
 
 def _absolute(cfg: LMJobConfig) -> LMJobConfig:
@@ -213,9 +213,7 @@ def _absolute(cfg: LMJobConfig) -> LMJobConfig:
         return os.path.abspath(p) if p and fsspec.core.split_protocol(p)[0] is None else p
     rep = dataclasses.replace
     export = cfg.export_path or join_url(cfg.storage_path, cfg.name, "export")
-    dataset = fix(cfg.data.dataset) if os.path.exists(cfg.data.dataset) else cfg.data.dataset  # a name or a folder
-    return rep(cfg, storage_path=fix(cfg.storage_path), export_path=fix(export),
-               data=rep(cfg.data, dataset=dataset, path=fix(cfg.data.path)),
+    return rep(cfg, storage_path=fix(cfg.storage_path), export_path=fix(export), data=rep(cfg.data, path=fix(cfg.data.path)),
                task=rep(cfg.task, squad_path=fix(cfg.task.squad_path or (default_squad_path() if cfg.task.name == "qa" else None))),
                debug=rep(cfg.debug, marker=fix(cfg.debug.marker)))
 
@@ -259,14 +257,15 @@ def _export(lm, cfg: LMJobConfig, table, rank: int, extra: dict) -> None:
         export_fused(fresh, tokenizer, Storage(cfg.export_path, cfg.storage_options), extra=extra)
 
 
-def _restore(engine, checkpoint, cfg: LMJobConfig, world: int) -> int:
+def _restore(engine, checkpoint, cfg: LMJobConfig, world: int) -> tuple[int, list[dict]]:
+    """Loads the engine's state; returns the checkpoint's step and the report history up to it."""
     with checkpoint.as_directory() as d:
         meta = json.loads(Path(d, META).read_text())
         if (meta["world_size"], meta["zero_stage"]) != (world, cfg.deepspeed.zero_stage):
             raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with ZeRO-"
                              f"{meta['zero_stage']}; this run has {world} with ZeRO-{cfg.deepspeed.zero_stage}")
         _, client = engine.load_checkpoint(d, tag=TAG)
-    return int(client["step"])
+    return int(client["step"]), list(meta.get("history", []))
 
 
 def set_malloc_mmap_threshold(num_bytes: int) -> bool:
@@ -300,7 +299,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     lm, tokenizer = build_lm(lm_config(cfg), table)
     kg = load_from_config(cfg.data)
-    text = load_text(cfg.data.dataset, path=cfg.data.path)
+    text = text_from_config(cfg.data)
     linker = build_linker(kg, text) if cfg.task.link else None
     train_data, eval_data = build_task_data(cfg.task, tokenizer, kg, linker, text=text, rank=rank, world_size=world)
     per_epoch = train_data.num_batches(cfg.train.batch_size)
@@ -310,12 +309,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     engine, *_ = deepspeed.initialize(model=lm, model_parameters=[p for p in lm.parameters() if p.requires_grad], config=ds)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731 (the KG table stays fp32)
 
-    step, extra = 0, {"resumed_from_step": None, "bf16": bf16}
+    step, extra, history = 0, {"resumed_from_step": None, "bf16": bf16}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        step = extra["resumed_from_step"] = _restore(engine, checkpoint, cfg, world)
+        # the history travels in the checkpoint: a resumed run reports every step since the first, not since the resume
+        step, history = _restore(engine, checkpoint, cfg, world)
+        extra["resumed_from_step"] = step
         if cfg.debug.param_digest:
             extra["resume_digest"] = state_digest(_full_state(lm))
-    history, sums, count, clock = [], torch.zeros(len(LOSSES), dtype=torch.float64), 0, time.perf_counter()
+    sums, count, clock = torch.zeros(len(LOSSES), dtype=torch.float64), 0, time.perf_counter()
     finished = False
 
     def report(final: bool) -> None:
@@ -336,13 +337,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if final:
             metrics["export"] = cfg.export_path
             _export(lm, cfg, table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}})
-        if rank == 0:  # (Ray Train logs every report as it arrives)
-            history.append(metrics)
+        if rank == 0 and float(stats[-1]) > 0:  # (Ray Train logs every report as it arrives; a report with no
+            history.append(metrics)             # step since the last, after a resume from the last checkpoint, has no losses)
         if (final or step % t.checkpoint_every == 0) and step != extra["resumed_from_step"]:  # not over the one read
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag=TAG, client_state={"step": step})
                 if rank == 0:
-                    Path(d, META).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": cfg.deepspeed.zero_stage}))
+                    Path(d, META).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": cfg.deepspeed.zero_stage,
+                                                         "history": history}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:09d}")
         else:
             ray.train.report(metrics)

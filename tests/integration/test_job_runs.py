@@ -74,6 +74,23 @@ def test_data_path_beside_an_embedded_dataset_is_refused(tmp_path, job, config):
     assert not (tmp_path / "run").exists()
 
 
+def test_every_count_the_loader_drops_or_merges_is_printed_and_recorded(tmp_path):
+    data, run_dir = kg_folder(tmp_path), tmp_path / "run"
+    train = data / "train.txt"
+    lines = train.read_text().splitlines()
+    h, r, t = lines[0].split("\t")
+    # a BOM, the first triple again, and it once more with a padded head (merged into the same label)
+    train.write_text("\ufeff" + "\n".join(lines + [lines[0], f" {h}\t{r}\t{t}"]) + "\n", encoding="utf-8")
+    result = run("kge_train.py", "backend=local", "train.epochs=1", "data.dataset=null", f"data.path={data}",
+                 f"run_dir={run_dir}", config="kge_umls.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "my-kg: 14 entities, 55 relations; train 1592 (stripped a UTF-8 BOM; stripped surrounding whitespace from " \
+           "1 column; merged 1 label differing only by surrounding whitespace; dropped 2 duplicate triples)" in result.stdout
+    counts = json.loads((run_dir / "metrics.json").read_text())["data"]
+    assert (counts["train.bom_stripped"], counts["train.num_duplicates"], counts["train.num_labels_merged"]) == (1, 2, 1)
+    assert counts["valid.num_duplicates"] == 0
+
+
 # ---- 2. a run directory belongs to one run ---------------------------------------------------------------
 
 def test_demo_refuses_another_datasets_run_directory_before_training(tmp_path):
