@@ -14,6 +14,8 @@ Commits are atomic because readers only look at manifests: data files of a commi
 its manifest are invisible and get overwritten by the next commit of that number. Each manifest records
 the sha256 of its data files and readers verify them, so torn or tampered files fail loudly.
 
+Mining adds facts, not entities: every label a mined triple names must already be in version 0's lists.
+
 Single writer: one process (the driver or one actor) owns a store for writing; any number may read.
 Manifests are written exclusively, so a second writer committing the same version number gets
 FileExistsError; on local disks that is race-free, on S3 it is a check before the PUT, which is why
@@ -28,7 +30,7 @@ import hashlib
 import json
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
@@ -49,19 +51,30 @@ class IntegrityError(OSError):
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a mined triple came from; validated on construction so bad records never reach storage."""
+    """Where a mined triple came from; validated on construction so bad records never reach storage.
+
+    ``snapshot_id``: the model that judged the triple (the LM extractor's snapshot for a mined round);
+    ``kg_snapshot_id``: the KG embeddings the round ran with (they proposed candidates). ``document`` and
+    ``span`` locate the evidence: a passage id (``"desc:/m/02mjmr"``, ``"squad:Super_Bowl_50#3"``) and the
+    ``(start_char, end_char_exclusive)`` of the pair's mentions in it; ``evidence`` is free text (e.g. the
+    sentence). Versions written before these fields existed read back with the defaults.
+    """
 
     source: str
     round: int
     confidence: float
     snapshot_id: str
     evidence: str = ""
+    kg_snapshot_id: str = ""
+    document: str = ""
+    span: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"provenance source must be a non-empty str, got {self.source!r}")
-        if not isinstance(self.snapshot_id, str):
-            raise ValueError(f"provenance snapshot_id must be a str, got {self.snapshot_id!r}")
+        for key in ("snapshot_id", "kg_snapshot_id", "document"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"provenance {key} must be a str, got {getattr(self, key)!r}")
         if not isinstance(self.evidence, str):
             raise ValueError(f"provenance evidence must be a str, got {type(self.evidence).__name__}")
         if isinstance(self.round, bool) or not isinstance(self.round, numbers.Integral) or self.round < 0:
@@ -69,9 +82,31 @@ class Provenance:
         c = self.confidence
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 <= float(c) <= 1.0:
             raise ValueError(f"provenance confidence must be a number in [0, 1], got {c!r}")
+        if self.span is not None:
+            span = tuple(self.span)
+            if (len(span) != 2 or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in span)
+                    or not 0 <= span[0] < span[1]):
+                raise ValueError(f"provenance span must be None or (start, end) ints with 0 <= start < end, got {self.span!r}")
+            object.__setattr__(self, "span", (int(span[0]), int(span[1])))
         # numpy scalars would not survive json.dumps; normalise them once here.
         object.__setattr__(self, "round", int(self.round))
         object.__setattr__(self, "confidence", float(c))
+
+    @property
+    def lm_snapshot_id(self) -> str:
+        return self.snapshot_id
+
+    def to_row(self) -> dict[str, Any]:
+        return {"source": self.source, "round": self.round, "confidence": self.confidence,
+                "snapshot_id": self.snapshot_id, "evidence": self.evidence, "kg_snapshot_id": self.kg_snapshot_id,
+                "document": self.document, "span": list(self.span) if self.span is not None else None}
+
+    @classmethod
+    def from_row(cls, d: Mapping[str, Any]) -> "Provenance":
+        """A stored record; keys added after format 1 was written default (old versions stay readable)."""
+        span = d.get("span")
+        return cls(d["source"], d["round"], d["confidence"], d["snapshot_id"], d.get("evidence", ""),
+                   d.get("kg_snapshot_id", ""), d.get("document", ""), tuple(span) if span is not None else None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +131,7 @@ class VersionInfo:
     created: str  # UTC ISO 8601
     num_mined_added: int
     num_mined: int  # mined triples in the whole content of this version
+    meta: Mapping[str, Any] = field(default_factory=dict)  # what the commit recorded about itself
 
 
 @dataclass(frozen=True)
@@ -233,15 +269,17 @@ class KGStore:
         for m in reversed(chain[:-1]):
             if "mined.jsonl" in m["files"]:
                 mined.extend(
-                    MinedTriple(d["head"], d["relation"], d["tail"], Provenance(
-                        d["source"], d["round"], d["confidence"], d["snapshot_id"], d["evidence"]))
+                    MinedTriple(d["head"], d["relation"], d["tail"], Provenance.from_row(d))
                     for d in self._load(m, "mined.jsonl")
                 )
         return KGVersion(v, entities, relations, gold, tuple(mined))
 
     # ---- writes --------------------------------------------------------------------------------------
-    def commit(self, mined: Sequence[MinedTriple], *, message: str = "") -> int:
-        """Append ``mined`` on top of HEAD as a new version; all triples are checked before anything is written."""
+    def commit(self, mined: Sequence[MinedTriple], *, message: str = "", meta: Mapping[str, Any] | None = None) -> int:
+        """Append ``mined`` on top of HEAD as a new version; all triples are checked before anything is written.
+        ``meta`` (plain JSON) is kept in the manifest and read back as ``VersionInfo.meta`` (a mining round
+        records there what it ran on, so a rerun can tell it already committed)."""
+        meta_json = json.loads(json.dumps(dict(meta or {})))  # not JSON: fails here, before any write
         parent = self.head
         ent_set, rel_set = self._label_sets()
         rows = []
@@ -249,13 +287,12 @@ class KGStore:
             if not isinstance(m, MinedTriple):
                 raise ValueError(f"mined #{i} is a {type(m).__name__}, not a MinedTriple")
             h, r, t = _check_triple(m.triple, ent_set, rel_set, f"mined triple #{i}")
-            p = m.provenance
-            rows.append({"head": h, "relation": r, "tail": t, "source": p.source, "round": p.round,
-                         "confidence": p.confidence, "snapshot_id": p.snapshot_id, "evidence": p.evidence})
+            rows.append({"head": h, "relation": r, "tail": t, **m.provenance.to_row()})
         total = self._manifests()[parent]["counts"]["mined_total"] + len(rows)
         return self._write_version(parent + 1, base=parent, parent=parent, kind="mined", message=message,
                                    files={"mined.jsonl": _jsonl(rows)},
-                                   counts={"mined_added": len(rows), "mined_total": total})
+                                   counts={"mined_added": len(rows), "mined_total": total},
+                                   extra={"meta": meta_json} if meta_json else None)
 
     def rollback(self, version: int, *, message: str = "") -> int:
         """Make a new HEAD whose content equals ``version``; the versions in between stay readable."""
@@ -324,4 +361,4 @@ class KGStore:
 
     def _info(self, m: dict[str, Any]) -> VersionInfo:
         return VersionInfo(m["version"], m["base"], m["parent"], m["kind"], m["message"], m["created"],
-                           m["counts"]["mined_added"], m["counts"]["mined_total"])
+                           m["counts"]["mined_added"], m["counts"]["mined_total"], m.get("meta", {}))

@@ -217,3 +217,41 @@ def test_unknown_version_and_empty_store(storage, store):
 def test_import_pulls_no_ray_or_torch():
     code = "import sys, bikd.kg.store; bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mining_provenance_roundtrip_and_meta(storage, store):
+    full = Provenance("co-mention", 3, 0.625, "lm-abc", "Zoë met alice", kg_snapshot_id="kg-123",
+                      document="desc:/m/0x\tweird", span=(np.int64(4), 9))
+    assert full.span == (4, 9) and full.lm_snapshot_id == "lm-abc"
+    batch = [MinedTriple("Zoë", "knows", "alice", full), mined("bob", "likes", "alice")]
+    assert store.commit(batch, message="round 3", meta={"round_key": {"round": 3, "base": 0}}) == 1
+    back = KGStore(storage)
+    assert back.read().mined == tuple(batch)
+    assert back.read().mined[1].provenance.span is None and back.read().mined[1].provenance.kg_snapshot_id == ""
+    assert back.versions()[1].meta == {"round_key": {"round": 3, "base": 0}} and back.versions()[0].meta == {}
+    with pytest.raises(TypeError):
+        store.commit([], meta={"x": object()})
+    assert store.head == 1
+
+
+def test_version_written_before_the_new_fields_reads_with_defaults(storage, store):
+    import hashlib
+    import json
+
+    old_row = {"head": "alice", "relation": "likes", "tail": "bob", "source": "lm-miner", "round": 1,
+               "confidence": 0.5, "snapshot_id": "snap", "evidence": "old"}
+    data = (json.dumps(old_row) + "\n").encode()
+    storage.write_bytes("versions/000001/mined.jsonl", data)
+    manifest = {"format": 1, "version": 1, "base": 0, "parent": 0, "kind": "mined", "message": "old",
+                "created": "2026-01-01T00:00:00.000+00:00", "counts": {"mined_added": 1, "mined_total": 1},
+                "files": {"mined.jsonl": hashlib.sha256(data).hexdigest()}}
+    storage.write_bytes("manifests/000001.json", json.dumps(manifest).encode())
+    (m,) = KGStore(storage).read(1).mined
+    assert m.provenance == Provenance("lm-miner", 1, 0.5, "snap", "old")
+    assert (m.provenance.kg_snapshot_id, m.provenance.document, m.provenance.span) == ("", "", None)
+
+
+@pytest.mark.parametrize("span", [(5, 5), (-1, 3), (1, 2, 3), (True, 4), ("0", 2)])
+def test_bad_span_rejected(span):
+    with pytest.raises(ValueError, match="span"):
+        Provenance("co-mention", 1, 0.5, "snap", span=span)
