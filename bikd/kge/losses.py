@@ -130,6 +130,44 @@ def compute_loss(
     return self_adversarial_loss(pos, neg, cfg.margin, cfg.adversarial_temperature, weights, labels)
 
 
+@dataclass(kw_only=True, frozen=True)
+class ReverseKDConfig:
+    """Reverse distillation LM -> KG (issue 12): ``weight`` scales the KD term of :func:`reverse_kd_loss` on
+    mined triples that carry the LM's relation distribution (0 switches it off); ``temperature`` T > 0
+    softens the KGE's relation softmax."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.weight < float("inf"):
+            raise ValueError(f"reverse_kd.weight must be finite and >= 0, got {self.weight}")
+        if not 0.0 < self.temperature < float("inf"):
+            raise ValueError(f"reverse_kd.temperature must be finite and > 0, got {self.temperature}")
+
+
+def reverse_kd_loss(scores: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """Mean KL from the LM's relation distribution to the KGE's softmax over relations, a scalar.
+
+    scores (M, R): ``score(h_m, r', t_m)`` of each of M mined pairs against every relation r';
+    targets (M, R): the LM's distribution q_m over the R relations (rows sum to 1).
+
+        p_m  = softmax_r'(scores_m / T)
+        loss = (1/M) sum_m KL(q_m || p_m) = (1/M) sum_m sum_r q_mr (log q_mr - log p_mr)
+
+    with 0 log 0 = 0 (a relation the LM rules out adds nothing); 0 when M = 0. Gradients flow into the
+    scores only (q is a fixed teacher).
+    """
+    if scores.ndim != 2 or targets.shape != scores.shape:
+        raise ValueError(f"need scores and targets of the same shape (M, R), got {tuple(scores.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if len(scores) == 0:
+        return scores.sum() * 0.0
+    q = targets.to(scores.dtype)
+    log_p = torch.log_softmax(scores / temperature, dim=1)
+    return (torch.xlogy(q, q) - q * log_p).sum(1).mean()
+
+
 def l2_regularizer(*embs: Tensor) -> Tensor:
     """sum over the given tensors of the mean over their rows of ||x_row||_2^2 (rows = all leading dims).
 

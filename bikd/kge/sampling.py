@@ -223,12 +223,29 @@ class BatchIterator:
         while self.epoch == epoch:
             yield self.next_batch()
 
+    def resize(self, num_triples: int) -> None:
+        """Triples were added (issue 12): from the next epoch on the permutation covers ``num_triples``.
+        Only at an epoch boundary (offset 0): mid-epoch the current permutation's rest would be lost."""
+        if num_triples < 1:
+            raise ValueError(f"num_triples must be >= 1, got {num_triples}")
+        if self.offset != 0:
+            raise ValueError(f"cannot resize the batch order mid-epoch (epoch {self.epoch}, offset {self.offset})")
+        self.num_triples, self._perm_epoch, self._perm = num_triples, -1, None
+
     def state_dict(self) -> dict:
         return {"num_triples": self.num_triples, "seed": self.seed, "epoch": self.epoch, "offset": self.offset}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, resize: bool = False) -> None:
+        """Restore a position. ``resize=True``: the caller kept a later triple set than the state's (a
+        checkpoint taken before triples were added), so a different ``num_triples`` is accepted, keeping
+        this iterator's count, but only at an epoch boundary (offset 0); mid-epoch it stays an error."""
         if state["num_triples"] != self.num_triples:
-            raise ValueError(f"state is for {state['num_triples']} triples, this iterator has {self.num_triples}")
+            if not resize:
+                raise ValueError(f"state is for {state['num_triples']} triples, this iterator has {self.num_triples}")
+            if state["offset"] != 0:
+                raise ValueError(f"state is for {state['num_triples']} triples, this iterator has {self.num_triples}, "
+                                 f"and it is mid-epoch (offset {state['offset']}): the batch order cannot resize there")
+            self._perm_epoch, self._perm = -1, None
         if not 0 <= state["offset"] < self.num_triples or state["epoch"] < 0:
             raise ValueError(f"invalid position epoch={state['epoch']} offset={state['offset']}")
         self.seed, self.epoch, self.offset = int(state["seed"]), int(state["epoch"]), int(state["offset"])

@@ -10,6 +10,11 @@
 - An ``EmbeddingShard`` actor owns the relation table and its optimiser state.
 - Each trainer is placed on a node of its own (node-affinity scheduling); the relation shard sits on the first.
 
+Triples can be added between epochs (issue 12: mined from text): ``ShardedKGE.add_triples`` routes each to
+the trainer owning its head, which appends it to its :class:`~bikd.kge.training.TrainingTriples` and grows
+its batch order from the next epoch on. A batch holding triples with LM relation targets (the reverse KD
+term) pulls every relation row from the relation shard and pushes all their gradients back.
+
 Modes: ``async`` (default) lets every trainer run its epoch freely with at most ``staleness`` steps'
 pushes in flight; ``sync`` runs lock-step rounds driven by the driver (every trainer computes on the same
 state, then the updates are applied in trainer order), which makes runs bit-for-bit reproducible.
@@ -34,8 +39,8 @@ from bikd.kge.models import KGEModel, build_interaction, build_model
 from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
-from bikd.kge.training import KGETrainConfig, plan_step, step_gradients
-from bikd.ray.messages import PullRequest, PushGrads, Rows, Snapshot, array, tensor
+from bikd.kge.training import KGETrainConfig, TrainingTriples, check_added_triples, plan_step, step_gradients
+from bikd.ray.messages import AddTriples, PullRequest, PushGrads, Rows, Snapshot, array, tensor
 from bikd.storage import Storage
 
 
@@ -120,10 +125,12 @@ class KGETrainer(_RowServer):
     peers' ``pull``/``push`` are served while ``run_epoch`` runs, under a lock on the rows.
     """
 
-    def __init__(self, part: int, triples: torch.Tensor, num_entities: int, entity_owner: torch.Tensor,
-                 table: torch.Tensor, cfg: KGETrainConfig, relation_shard, dist: DistConfig):
+    def __init__(self, part: int, triples: torch.Tensor, num_entities: int, num_relations: int,
+                 entity_owner: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, relation_shard, dist: DistConfig):
         self.num_threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        self.part, self.triples, self.cfg, self.owner = part, triples, cfg, entity_owner
+        self.part, self.cfg, self.owner = part, cfg, entity_owner
+        self.num_entities, self.num_relations = num_entities, num_relations
+        self.data = TrainingTriples(triples, num_relations)
         self.relation_shard, self.staleness, self.peers = relation_shard, dist.staleness, {}
         ids = (entity_owner == part).nonzero().flatten()
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
@@ -132,13 +139,41 @@ class KGETrainer(_RowServer):
         self.generator = torch.Generator().manual_seed(seed)
         # local negatives (PyTorch-BigGraph): drawn from this partition's entities, so they never travel
         self.negative_ids = ids if dist.negatives == "local" else None
-        pool = num_entities if self.negative_ids is None else len(ids)
-        degrees = degrees_from_triples(triples, num_entities) if cfg.sampler.distribution == "degree" else None
-        if degrees is not None and self.negative_ids is not None:
-            degrees = degrees[ids]
-        self.sampler = NegativeSampler(cfg.sampler, pool, degrees)
+        self._build_sampler()
         self.batches = BatchIterator(len(triples), cfg.batch_size, seed)
         self.step_count, self.target_epoch, self.pending = 0, 0, []
+
+    def _build_sampler(self) -> None:
+        """The negative sampler; a degree sampler's degrees are this partition's triples' (again after additions)."""
+        pool = self.num_entities if self.negative_ids is None else len(self.negative_ids)
+        degrees = None
+        if self.cfg.sampler.distribution == "degree":
+            degrees = degrees_from_triples(self.data.triples, self.num_entities)
+            if self.negative_ids is not None:
+                degrees = degrees[self.negative_ids]
+        self.sampler = NegativeSampler(self.cfg.sampler, pool, degrees)
+
+    def get_triples(self) -> tuple[int, torch.Tensor]:
+        """(kg_version, every triple this trainer trains on (n, 3): its gold ones, then the added ones)."""
+        return self.data.kg_version, self.data.triples.clone()
+
+    def mid_epoch(self) -> bool:
+        return self.batches.offset != 0
+
+    def num_triples(self) -> int:
+        return len(self.data)
+
+    def add_triples(self, msg: AddTriples) -> int:
+        """Append the (driver-checked) triples routed here; returns this trainer's triple count."""
+        if self.mid_epoch():
+            raise ValueError(f"add_triples between epochs only: trainer {self.part} is mid-epoch "
+                             f"(epoch {self.batches.epoch}, offset {self.batches.offset})")
+        targets = None if msg.targets is None else tensor(msg.targets).clone()
+        self.data.add(tensor(msg.triples).clone(), tensor(msg.weights).clone(), targets, msg.kg_version)
+        self.batches.resize(len(self.data))
+        if self.cfg.sampler.distribution == "degree":
+            self._build_sampler()
+        return len(self.data)
 
     def connect(self, peers: list) -> None:
         """Handles of every partition's trainer (the owners of the other entity rows)."""
@@ -147,7 +182,7 @@ class KGETrainer(_RowServer):
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
         self.target_epoch = self.batches.epoch
-        return len(self.triples)
+        return len(self.data)
 
     def compute(self) -> float | None:
         """One step up to the gradients, which wait in ``self.pending`` for ``apply``; None once the epoch is done."""
@@ -156,11 +191,11 @@ class KGETrainer(_RowServer):
         if torch.get_num_threads() != self.num_threads:
             # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
             torch.set_num_threads(self.num_threads)
-        batch = self.triples[self.batches.next_batch()]
+        batch, weights, kd = self.data.gather(self.batches.next_batch(), self.cfg.reverse_kd.weight > 0)
         neg = self.sampler.sample_batch(len(batch), self.generator)
         if self.negative_ids is not None:
             neg = neg._replace(negatives=self.negative_ids[neg.negatives])
-        plan = plan_step(batch, neg)
+        plan = plan_step(batch, neg, None if kd is None else self.num_relations)  # KD: every relation row
         owner = self.owner[plan.entity_ids]
         groups = [(s, (owner == s).nonzero().flatten()) for s in owner.unique().tolist()]
         version = self.step_count
@@ -175,7 +210,8 @@ class KGETrainer(_RowServer):
         for pos, ref in remote:
             ent_rows[pos] = tensor(ray.get(ref).rows)
         loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, tensor(ray.get(rel_ref).rows),
-                                                  self.cfg.loss, self.cfg.regularizer)
+                                                  self.cfg.loss, self.cfg.regularizer, weights, None, kd,
+                                                  self.cfg.reverse_kd)
         self.step_count += 1
         self.pending = [(self.relation_shard, PushGrads(step=self.step_count, source=self.part,
                                                         ids=array(plan.relation_ids), grads=array(rel_grad)))]
@@ -216,18 +252,25 @@ class KGETrainer(_RowServer):
         for refs in in_flight:
             ray.get(refs)
         return {"part": self.part, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
-                "triples": len(self.triples), "seconds": time.perf_counter() - start}
+                "triples": len(self.data), "seconds": time.perf_counter() - start}
 
     def state_dict(self) -> dict:
         with self.lock:
             shard = self.shard.state_dict()
         return {"shard": shard, "batches": self.batches.state_dict(), "generator": self.generator.get_state(),
-                "step": self.step_count, "target_epoch": self.target_epoch}
+                "step": self.step_count, "target_epoch": self.target_epoch, "triples": self.data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state; one from an older KG version than this trainer's keeps this trainer's (later)
+        triples and continues with them, which is accepted at an epoch boundary only."""
+        kept_later = self.data.load_state_dict(state.get("triples"))  # states from before issue 12 have none
+        if not kept_later:  # the state's triples: its batch order is over them
+            self.batches = BatchIterator(len(self.data), self.cfg.batch_size, self.batches.seed)
+        self.batches.load_state_dict(state["batches"], resize=kept_later)
+        if self.cfg.sampler.distribution == "degree":
+            self._build_sampler()
         with self.lock:
             self.shard.load_state_dict(state["shard"])
-        self.batches.load_state_dict(state["batches"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.target_epoch = int(state["target_epoch"])
@@ -280,7 +323,7 @@ class ShardedKGE:
                            for p, ids in enumerate(self.entity_ids)]
         self.trainers = [
             KGETrainer.options(num_cpus=dist.cpus_per_trainer, scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
-                p, part_triples, num_entities, owner, table, cfg, self.relation_shard, dist)
+                p, part_triples, num_entities, num_relations, owner, table, cfg, self.relation_shard, dist)
             for p, (part_triples, table) in enumerate(self._init_args)
         ]
         self._connect()
@@ -288,6 +331,37 @@ class ShardedKGE:
         self.snapshot_version = 0
         self.epoch = 0
         self.num_recoveries = 0
+        self.kg_version, self.num_triples = 0, len(triples)
+
+    def add_triples(self, triples: torch.Tensor, weights: torch.Tensor | None = None,
+                    relation_targets: torch.Tensor | None = None, *, kg_version: int) -> list[int]:
+        """Train on ``triples`` (n, 3) too, from the next epoch on, as KG store version ``kg_version``.
+
+        Same contract as :meth:`bikd.kge.training.LocalTrainer.add_triples` (weights (n,) default 1,
+        relation_targets (n, R) for the KD term). Each triple goes to the trainer owning its HEAD (the
+        partitioning stays as built: mining adds facts, not entities); every trainer records the version,
+        also those that get no triple. Everything is checked before any trainer changes, so a ValueError
+        (bad input, a version that does not increase) leaves the run as it was. Returns the trainers'
+        triple counts."""
+        checked = check_added_triples(triples, weights, relation_targets, self.num_entities, self.num_relations)
+        if kg_version <= self.kg_version:
+            raise ValueError(f"add_triples: kg_version must increase, got {kg_version} after {self.kg_version}")
+        if any(ray.get([t.mid_epoch.remote() for t in self.trainers])):  # only after an interrupted epoch
+            raise ValueError("add_triples between epochs only: a trainer is mid-epoch")
+        triples, weights, targets = checked
+        owner = self.partitioning.entity_part[triples[:, 0]]
+        msgs = []
+        for p in range(self.dist.num_parts):
+            sel = (owner == p).nonzero().flatten()
+            msgs.append(AddTriples(kg_version=kg_version, triples=array(triples[sel]), weights=array(weights[sel]),
+                                   targets=None if targets is None else array(targets[sel])))
+        counts = ray.get([t.add_triples.remote(m) for t, m in zip(self.trainers, msgs)])
+        self.kg_version, self.num_triples = int(kg_version), sum(counts)
+        return counts
+
+    def trainer_triples(self) -> list[torch.Tensor]:
+        """Every trainer's triples (n_p, 3), gold then added, in partition order (for inspection and tests)."""
+        return [triples for _, triples in ray.get([t.get_triples.remote() for t in self.trainers])]
 
     def _actors(self) -> list:
         return [self.relation_shard, *self.trainers]
@@ -325,8 +399,7 @@ class ShardedKGE:
                 self._restore_from(restore_point)
         self.epoch += 1
         seconds = time.perf_counter() - start
-        num_triples = sum(len(self.partitioning.triples_of(p)) for p in range(self.dist.num_parts))
-        return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": num_triples / seconds}
+        return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": self.num_triples / seconds}
 
     def _run_epoch(self) -> list[float]:
         if self.dist.mode == "sync":
@@ -349,16 +422,16 @@ class ShardedKGE:
                     time.sleep(0.2)
 
     def checkpoint(self, storage: Storage) -> str:
-        """Write every shard (rows + optimiser state), the trainers' sampler positions and the partitioning
-        under ``storage/epoch-NNNNNN/``; the manifest is written last, so a checkpoint exists iff its
-        manifest does. Returns the checkpoint's name."""
+        """Write every shard (rows + optimiser state), the trainers' sampler positions and added triples, and
+        the partitioning under ``storage/epoch-NNNNNN/``; the manifest (with the ``kg_version``) is written
+        last, so a checkpoint exists iff its manifest does. Returns the checkpoint's name."""
         name = f"epoch-{self.epoch:06d}"
         actors = self._actors()
         rels = [f"{name}/actor-{i:03d}.pt" for i in range(len(actors))]
         shas = ray.get([a.save.remote(storage, rel) for a, rel in zip(actors, rels)])
         shas.append(_save(storage, f"{name}/partition.pt", self.partitioning.state_dict()))
         manifest = {"epoch": self.epoch, "num_parts": self.dist.num_parts, "files": [*rels, f"{name}/partition.pt"],
-                    "sha256": shas, "snapshot_version": self.snapshot_version}
+                    "sha256": shas, "snapshot_version": self.snapshot_version, "kg_version": self.kg_version}
         storage.write_text(f"{name}/MANIFEST.json", json.dumps(manifest, indent=1))
         return name
 
@@ -368,7 +441,12 @@ class ShardedKGE:
         return max(names) if names else None
 
     def restore(self, storage: Storage, name: str | None = None) -> int:
-        """Load a checkpoint (the latest complete one by default) into every actor; returns its epoch."""
+        """Load a checkpoint (the latest complete one by default) into every actor; returns its epoch.
+
+        Triples: a checkpoint written after ``add_triples`` brings the added triples back (also into a fresh
+        ShardedKGE). One from an OLDER KG version than this run's (taken before an addition) keeps this
+        run's later triples, and training continues with them from the checkpoint's tables and epoch; a
+        sharded checkpoint is always at an epoch boundary, where the batch order may grow."""
         name = name or self.latest_checkpoint(storage)
         if name is None:
             raise FileNotFoundError(f"no complete checkpoint under {storage.url}")
@@ -381,6 +459,8 @@ class ShardedKGE:
         actors = self._actors()
         ray.get([a.restore.remote(storage, rel, sha) for a, rel, sha in zip(actors, manifest["files"], manifest["sha256"])])
         self.epoch, self.snapshot_version = int(manifest["epoch"]), int(manifest["snapshot_version"])
+        self.kg_version = max(self.kg_version, int(manifest.get("kg_version", 0)))
+        self.num_triples = sum(ray.get([t.num_triples.remote() for t in self.trainers]))
         return self.epoch
 
     def _sync_epoch(self) -> list[float]:

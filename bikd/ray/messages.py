@@ -52,3 +52,11 @@ class Snapshot:
     version: int
     entity: torch.Tensor  # (num_entities, d_e)
     relation: torch.Tensor  # (num_relations, d_r)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddTriples:
+    kg_version: int  # the KG store version the triples come from; increases with every addition
+    triples: np.ndarray  # (n, 3) int64, checked by the driver; heads owned by the receiving trainer (n may be 0)
+    weights: np.ndarray  # (n,) float32 per-triple loss weights (the miner's confidences)
+    targets: np.ndarray | None  # (n, R) float32 LM relation distributions for the KD term, or None
