@@ -229,6 +229,7 @@ def test_empty_round_commits_nothing(tmp_path):
     assert res.counts["candidates"] == 0 and res.version is None and store.head == 0
 
 
+@pytest.mark.slow
 def test_mining_imports_no_ray():
     code = "import sys, bikd.mining.round, bikd.mining.candidates; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
