@@ -199,14 +199,21 @@ def distant_labels(candidates: Sequence[PairCandidate], triples: Tensor, num_rel
     if len(triples) and (int(triples[:, 1].min()) < 0 or int(triples[:, 1].max()) >= num_relations):
         bad = triples[(triples[:, 1] < 0) | (triples[:, 1] >= num_relations)][0].tolist()
         raise ValueError(f"triple {bad} has a relation outside 0..{num_relations - 1}: the KG has {num_relations} relations")
-    holds: dict[tuple[int, int], list[int]] = {}
-    for h, r, t in triples.tolist():
-        holds.setdefault((h, t), []).append(r)
     labels = torch.zeros(len(candidates), num_relations + 1)
-    for i, c in enumerate(candidates):
-        rels = holds.get((c.h, c.t))
-        if rels:
-            labels[i, rels] = 1.0
-        else:
-            labels[i, num_relations] = 1.0
+    if not len(candidates):
+        return labels
+    h = torch.tensor([c.h for c in candidates], dtype=torch.long)
+    t = torch.tensor([c.t for c in candidates], dtype=torch.long)
+    triples = triples.long()
+    # one sorted key h * M + t per triple: a pair's relations are a contiguous run found by binary search
+    m = int(max(int(h.max()), int(t.max()), int(triples[:, [0, 2]].max()) if len(triples) else 0)) + 1
+    order = torch.argsort(triples[:, 0] * m + triples[:, 2])
+    keys, rels = (triples[order, 0] * m + triples[order, 2]), triples[order, 1]
+    query = h * m + t
+    lo = torch.searchsorted(keys, query, side="left")
+    num = torch.searchsorted(keys, query, side="right") - lo
+    row = torch.repeat_interleave(torch.arange(len(candidates)), num)
+    offset = torch.arange(len(row)) - torch.repeat_interleave(num.cumsum(0) - num, num)
+    labels[row, rels[torch.repeat_interleave(lo, num) + offset]] = 1.0
+    labels[num == 0, num_relations] = 1.0
     return labels
