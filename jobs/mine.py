@@ -1,0 +1,145 @@
+"""One LM -> KG mining round: candidates from text and the KG model, scored by the relation extractor on a
+pool of Ray actors, thresholded on valid, committed to the KG store as one new version with provenance.
+
+    python jobs/mine.py --set store=runs/kg --set extractor=runs/extractor --set kg_export=runs/kge/export \\
+        [--set data.dataset=fb15k237 --set corpus=[notes.jsonl] --set scoring.num_actors=2 ...] [--dry-run]
+
+``store``: a KG store (bikd.kg.store); an empty location gets version 0 from ``data`` (train/valid/test as
+gold). ``extractor``: an exported relation extractor (bikd.lm.extractor_io). ``kg_export``: the KG snapshot
+(a bikd.kge.export folder: its ids must be the store's) that proposes candidates and, for a fusion-on
+extractor, is fused; null: co-mention candidates only. Passages: the entity descriptions of ``data`` and
+every file in ``corpus`` (plain text or JSONL). The miner knows the store's train split and mined triples;
+valid sets the thresholds; test is never read. ``--dry-run`` scores and prints but writes nothing.
+Joins the Ray cluster at $RAY_ADDRESS, else starts a local one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from bikd.cli import job_parser, parse_job_config, run_main, set_num_threads
+from bikd.config import dump_yaml
+from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
+from bikd.kg.store import KGStore, KGVersion
+from bikd.kge.export import load_embeddings
+from bikd.kge.models import KGEModel, ModelConfig, build_interaction
+from bikd.lm import corpus
+from bikd.lm.extractor_io import read_manifest
+from bikd.lm.linking import EntityLinker
+from bikd.mining.candidates import generate
+from bikd.mining.round import MiningConfig, check_id_maps, kg_snapshot_id, known_triples, run_round, summary
+from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
+from bikd.storage import Storage
+
+
+@dataclass(kw_only=True, frozen=True)
+class MineJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    store: str = ""
+    extractor: str = ""
+    kg_export: str | None = None
+    #: plain-text or JSONL corpora (one passage per line / object) besides the descriptions
+    corpus: tuple[str, ...] = ()
+    descriptions: bool = True
+    #: linked pairs kept per passage (the subject's and the closest first); null: all
+    max_pairs_per_passage: int | None = 20
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        for key in ("store", "extractor"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is required (--set {key}=URL)")
+        if self.max_pairs_per_passage is not None and self.max_pairs_per_passage < 1:
+            raise ValueError(f"max_pairs_per_passage must be >= 1 or null, got {self.max_pairs_per_passage}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
+
+
+def open_store(cfg: MineJobConfig, dry_run: bool) -> tuple[KGStore | None, KGVersion]:
+    storage = Storage(cfg.store)
+    if storage.exists("manifests") and storage.ls("manifests"):
+        store = KGStore(storage)
+        return store, store.read()
+    kg = load_from_config(cfg.data)
+    gold = {s: kg.label_triples(s) for s in ("train", "valid", "test")}
+    if dry_run:  # the version 0 a real run would create, in memory only
+        return None, KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
+                               {k: tuple(v) for k, v in gold.items()}, ())
+    store = KGStore.create(storage, entities=kg.entities.labels, relations=kg.relations.labels, gold=gold)
+    print(f"new KG store at {storage.url}: version 0 from {cfg.data.name}")
+    return store, store.read()
+
+
+def load_kg_model(url: str, version: KGVersion, store_url: str) -> tuple[KGEModel, str]:
+    entity, relation, ent_labels, rel_labels, meta = load_embeddings(Storage(url))
+    snapshot = kg_snapshot_id(meta)
+    check_id_maps(ent_labels, rel_labels, snapshot, version, store_url)
+    mcfg = ModelConfig(**{k: v for k, v in meta["config"].items() if k in ("name", "dim", "p", "init_scale")})
+    model = KGEModel(build_interaction(mcfg), len(ent_labels), len(rel_labels), mcfg.dim)
+    model.entity.data.copy_(torch.from_numpy(entity))
+    model.relation.data.copy_(torch.from_numpy(relation))
+    return model.eval(), snapshot
+
+
+def mine(cfg: MineJobConfig, dry_run: bool) -> int:
+    print(dump_yaml(cfg))
+    print(f"torch threads: {set_num_threads(cfg.num_threads)}")
+    manifest = read_manifest(cfg.extractor)  # a missing or incomplete extractor fails before any work
+    store, version = open_store(cfg, dry_run)
+    if manifest["num_relations"] != len(version.relations):
+        raise ValueError(f"the extractor at {cfg.extractor} predicts {manifest['num_relations']} relations, the KG "
+                         f"(store version {version.version}) has {len(version.relations)}")
+    model, kg_snap = (None, "none") if cfg.kg_export is None else load_kg_model(cfg.kg_export, version, cfg.store)
+    entity_to_id = {e: i for i, e in enumerate(version.entities)}
+    text = text_from_config(cfg.data)
+    passages = corpus.description_passages(text, entity_to_id) if cfg.descriptions else []
+    for url in cfg.corpus:
+        passages += corpus.read_corpus(url)
+    if not passages:
+        raise ValueError("the corpus is empty: no descriptions (data has no entity2text.txt) and no corpus files")
+    pairs, skips = corpus.pair_candidates(passages, EntityLinker.from_kg_text(text, entity_to_id),
+                                          max_pairs_per_passage=cfg.max_pairs_per_passage)
+    print("passages: " + ", ".join(f"{k} {v}" for k, v in skips.items()))
+    n_e, n_r = len(version.entities), len(version.relations)
+    cands = generate(pairs, passages, known_triples(version), None if model is None else model.score_t, n_e, n_r,
+                     cfg.mining.candidates)
+    print("candidates: " + ", ".join(f"{k} {v}" for k, v in cands.counts.items()), flush=True)
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.scoring.num_actors * cfg.scoring.num_cpus)))
+    try:
+        factory = extractor_factory(cfg.extractor, kg_export=cfg.kg_export)
+        with ActorScorer(factory, cfg.scoring, version=version.version) as scorer:
+            result = run_round(store, version, cands.candidates, scorer, cfg.mining, lm_snapshot_id=manifest["snapshot_id"],
+                               kg_snapshot_id=kg_snap, dry_run=dry_run or store is None, counts={**skips, **cands.counts})
+    finally:
+        ray.shutdown()
+    print(summary(result))
+    if dry_run:
+        print(f"dry run: {len(result.mined)} new triples not written")
+    elif result.created:
+        print(f"KG store {cfg.store}: version {result.version} ({len(result.mined)} mined triples)")
+    else:
+        print(f"nothing new: KG store {cfg.store} stays at version {version.version}")
+    return 0
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="score and print, write nothing")
+    args, cfg = parse_job_config(parser, MineJobConfig)
+    run_main(lambda: mine(cfg, args.dry_run), args.debug)
+
+
+if __name__ == "__main__":
+    main()

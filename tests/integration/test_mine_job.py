@@ -1,0 +1,98 @@
+"""jobs/mine.py end to end on a tiny KG with text: a tiny random extractor (saved with save_extractor), a KGE
+export, descriptions and a JSONL corpus; dry run, a real round, and a snapshot that does not fit the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bikd.kg.datasets import DataConfig, load_from_config
+from bikd.kg.store import KGStore
+from bikd.kge.export import export_embeddings
+from bikd.kge.models import ModelConfig
+from bikd.lm.encoder import EncoderConfig
+from bikd.lm.extractor import ExtractorConfig, build_extractor, save_extractor
+from bikd.storage import Storage
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = {"/m/paris": "Paris", "/m/france": "France", "/m/berlin": "Berlin", "/m/germany": "Germany",
+         "/m/rome": "Rome", "/m/italy": "Italy"}
+TRAIN = [("/m/paris", "capital_of", "/m/france"), ("/m/berlin", "capital_of", "/m/germany"),
+         ("/m/rome", "located_in", "/m/italy"), ("/m/paris", "located_in", "/m/france")]
+VALID = [("/m/rome", "capital_of", "/m/italy")]
+TEST = [("/m/berlin", "located_in", "/m/germany")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mine")
+    kg_dir = root / "kg_data"
+    kg_dir.mkdir()
+    for split, triples in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        (kg_dir / f"{split}.txt").write_text("".join(f"{h}\t{r}\t{t}\n" for h, r, t in triples))
+    (kg_dir / "entity2text.txt").write_text(
+        "".join(f"{m}\t{n} -- a city or country in Europe, near {'Italy' if n != 'Italy' else 'France'}\n"
+                for m, n in NAMES.items()))
+    (root / "news.jsonl").write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(
+        ["Rome is the capital of Italy.", "Berlin lies in Germany, Paris in France.", "Nothing to link here."])))
+    kg = load_from_config(DataConfig(path=str(kg_dir)))
+    rng = np.random.default_rng(0)
+    mcfg = ModelConfig(name="distmult", dim=8)
+    labels = (kg.entities.labels, kg.relations.labels)
+    export_embeddings(Storage(str(root / "kge")), rng.normal(size=(6, 8)), rng.normal(size=(2, 8)), *labels, mcfg)
+    export_embeddings(Storage(str(root / "kge_other")), rng.normal(size=(6, 8)), rng.normal(size=(2, 8)),
+                      labels[0][::-1], labels[1], mcfg)
+    model, tokenizer = build_extractor(ExtractorConfig(max_length=32), 2, encoder_cfg=EncoderConfig(name_or_path="tiny"))
+    manifest = save_extractor(model, tokenizer, str(root / "extractor"))
+    return root, manifest["snapshot_id"]
+
+
+def run_mine(root: Path, *overrides: str, dry_run: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "jobs" / "mine.py"), "--set", f"data.path={root / 'kg_data'}",
+            "--set", f"store={root / 'store'}", "--set", f"extractor={root / 'extractor'}",
+            "--set", f"corpus=[{root / 'news.jsonl'}]", "--set", "scoring.num_cpus=0.5", "--set", "num_threads=1"]
+    for o in overrides:
+        args += ["--set", o]
+    if dry_run:
+        args.append("--dry-run")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_mine_job_dry_run_then_one_round(setup):
+    root, lm_snapshot = setup
+    common = (f"kg_export={root / 'kge'}", "mining.thresholds.mode=top_k", "mining.thresholds.top_k=2",
+              "mining.candidates.top_k=1")
+    dry = run_mine(root, *common, dry_run=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "passages_no_entity 1" in dry.stdout and "dry run:" in dry.stdout and "per relation:" in dry.stdout
+    assert not (root / "store").exists()  # a dry run writes nothing, not even version 0
+
+    real = run_mine(root, *common)
+    assert real.returncode == 0, real.stderr
+    store = KGStore(Storage(str(root / "store")))
+    assert [v.kind for v in store.versions()] == ["gold", "mined"]
+    mined = store.read().mined
+    assert 1 <= len(mined) <= 4 and f"version 1 ({len(mined)} mined triples)" in real.stdout
+    train = set(TRAIN)
+    for m in mined:
+        p = m.provenance
+        assert m.triple not in train and p.snapshot_id == lm_snapshot and p.kg_snapshot_id and p.round == 1
+        assert p.source in ("co-mention", "kg-proposal") and p.document and p.span is not None
+
+
+def test_kg_snapshot_that_does_not_match_the_store_is_refused(setup):
+    root, _ = setup
+    bad = run_mine(root, f"kg_export={root / 'kge_other'}", f"store={root / 'store_bad'}", dry_run=True)
+    assert bad.returncode == 1
+    assert "does not match KG store version 0" in bad.stderr and "KG snapshot" in bad.stderr
+    missing = run_mine(root, f"extractor={root / 'nowhere'}", dry_run=True)
+    assert missing.returncode == 1 and "manifest.json: not found" in missing.stderr
