@@ -532,6 +532,7 @@ class ShardedEpochs:
         return self.sharded.checkpoint(storage)
 
     def restore(self, storage: Storage, name: str) -> None:
+        """:meth:`ShardedKGE.restore`: triples added since the checkpoint (a later KG version) are kept."""
         self.sharded.restore(storage, name)
 
     def delete(self, storage: Storage, name: str) -> None:
