@@ -97,7 +97,7 @@ def train_extractor(model: RelationExtractor, tokenizer, candidates: Sequence[Pa
     encoder_params = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr},
                                    {"params": model.head_parameters(), "lr": cfg.head_lr or cfg.lr}],
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)  # one kernel per op, not per tensor
     history: dict = {"loss": [], "kd_loss": [], "epoch_loss": [], "num_pairs": len(positive) + len(negative),
                      "num_positive": len(positive), "num_no_relation": len(negative)}
     start, steps = time.perf_counter(), 0
