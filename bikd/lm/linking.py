@@ -4,8 +4,11 @@ Aliases and text go through one normalisation: words are runs of letters/digits 
 whitespace separate them), each word is case-folded and stripped of accents (NFKD minus combining
 marks). An alias is indexed as its word tuple in a trie; ``link`` walks the trie from every word of
 the text and keeps the longest alias that starts there, then continues after it, so mentions never
-overlap. Mentions carry character offsets into the original text, so they map onto any fast
-tokenizer's ``offset_mapping`` (:func:`align_mentions`, :func:`mentions_to_tokens`).
+overlap. Precision rules (:class:`LinkerConfig`, measured on a labelled sample by
+bench/linking_quality.py) keep lowercase text to entity names and acronyms to capitals, and drop pieces
+of longer names, cut initialisms and language names used as adjectives. Mentions carry character
+offsets into the original text, so they map onto any fast tokenizer's ``offset_mapping``
+(:func:`align_mentions`, :func:`mentions_to_tokens`).
 
 Contract with the fusion module: a batch carries ``token_entity`` LongTensor [B, S] (entity id of each
 token, -1 where unlinked) and ``mention_spans`` LongTensor [M, 4] with rows (batch_index, token_start,
@@ -20,7 +23,7 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Collection, Literal, Mapping, Sequence
 
 import torch
 
@@ -86,6 +89,34 @@ class LinkerConfig:
     #: Wikidata labels of common nouns: "actor", "water"), so "may" is not the month "May", "air" not
     #: Michael Jordan (alias "Air"), "the city" not the City of London; capitalised or uppercase text matches any case
     respect_capitalisation: bool = True
+    # ---- precision rules (issue 12, measured by bench/linking_quality.py; all on by default) ----
+    #: all-lowercase text (a common noun) matches an entity's name (its first alias; lowercase forms holding
+    #: every word of it, plurals aside: "television presenter" for "Presenter"; its head noun: "director"
+    #: for "Film Director"), not its other Wikidata aliases, which for common nouns are loose synonyms and
+    #: clippings: "steam" -> Water, "key" -> Black, "host" -> Presenter, "rock" -> Rock music
+    lowercase_names_only: bool = True
+    #: an alias written in capitals ("INC", "NIN", "MHC") is an acronym: it matches only text written in
+    #: capitals, not "Inc." nor a word cut out of running text
+    acronyms_match_capitals: bool = True
+    #: no match inside a dotted initialism: "the U" of "the U.S.", "S.C" of "A.S.C."
+    skip_cut_initialisms: bool = True
+    #: a capitalised match whose neighbour word (across one space or hyphen) is capitalised too, and not a
+    #: stopword, is a piece of a longer name the dictionary lacks: "Western" in "Western Union", "Super" in
+    #: "Super Bowl", "Community" in "European Coal and Steel Community", "Mount Kenya" -> not Kenya
+    skip_name_fragments: bool = True
+    #: a language's one-word name right before a lowercase word is the adjective of nationality ("French
+    #: colony", "English actress", "Greek mathematician"), not the language: not linked. Languages are the
+    #: ``languages`` given to :meth:`EntityLinker.build` (``from_kg_text``: Wikidata descriptions whose
+    #: head noun is "language": "Romance language", "language spoken in Greece and Cyprus")
+    skip_language_adjectives: bool = True
+
+    @classmethod
+    def before_issue_12(cls, **overrides) -> "LinkerConfig":
+        """The linker measured as ``precision_before`` in bench/linking_quality.py: the precision rules
+        of issue 12 switched off."""
+        off = dict(lowercase_names_only=False, acronyms_match_capitals=False, skip_cut_initialisms=False,
+                   skip_name_fragments=False, skip_language_adjectives=False)
+        return cls(**{**off, **overrides})
 
     def __post_init__(self):
         if not isinstance(self.min_alias_chars, int) or self.min_alias_chars < 1:
@@ -94,8 +125,10 @@ class LinkerConfig:
             raise ValueError(f"max_alias_tokens must be an int >= 1, got {self.max_alias_tokens!r}")
         if not isinstance(self.skip_stopword_aliases, bool):
             raise ValueError(f"skip_stopword_aliases must be a bool, got {self.skip_stopword_aliases!r}")
-        if not isinstance(self.respect_capitalisation, bool):
-            raise ValueError(f"respect_capitalisation must be a bool, got {self.respect_capitalisation!r}")
+        for key in ("respect_capitalisation", "lowercase_names_only", "acronyms_match_capitals",
+                    "skip_cut_initialisms", "skip_name_fragments", "skip_language_adjectives"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be a bool, got {getattr(self, key)!r}")
         if self.ambiguous not in ("most_frequent", "skip"):
             raise ValueError(f"ambiguous must be 'most_frequent' or 'skip', got {self.ambiguous!r}")
 
@@ -125,10 +158,11 @@ class LinkerStats:
 class EntityLinker:
     """A trie of normalised aliases -> entity id; build with :meth:`build` or :meth:`from_kg_text`."""
 
-    def __init__(self, trie: dict, cfg: LinkerConfig, stats: LinkerStats):
+    def __init__(self, trie: dict, cfg: LinkerConfig, stats: LinkerStats, languages: frozenset[int] = frozenset()):
         self._trie = trie
         self.cfg = cfg
         self.stats = stats
+        self.languages = languages  # entities whose one-word names double as nationality adjectives
 
     @classmethod
     def build(
@@ -136,21 +170,26 @@ class EntityLinker:
         aliases: Mapping[int, Sequence[str]],
         cfg: LinkerConfig | None = None,
         degree: Mapping[int, float] | Sequence[float] | None = None,
+        languages: Collection[int] = (),
     ) -> "EntityLinker":
-        """Index every entity's aliases, its name first. An alias shared by several entities (policy
+        """Index every entity's aliases, its name first (``languages``: the entities that are languages,
+        for ``skip_language_adjectives``). An alias shared by several entities (policy
         ``most_frequent``) goes to an entity whose name it is, then to the highest ``degree`` (by entity
         id; Wikidata aliases are noisy: Michael Jordan's include "Batman"), then to the smallest id."""
         cfg = cfg or LinkerConfig()
-        # normalised alias -> {entity: 0 if it is the entity's name else 1}, for any form of the alias
-        # and for the forms written in lowercase
+        # normalised alias -> {entity: 0 if it is the entity's name else 1}, for the forms that text written
+        # in capitals / in mixed case / in lowercase may match
         candidates: dict[tuple[str, ...], dict[int, int]] = {}
+        mixed: dict[tuple[str, ...], dict[int, int]] = {}
         lowercase: dict[tuple[str, ...], dict[int, int]] = {}
         short, long, stop = set(), set(), set()
         for entity, forms in aliases.items():
             if isinstance(forms, str):
                 raise TypeError(f"aliases of entity {entity} must be a sequence of strings, got one string {forms!r}")
+            name: tuple[str, ...] = ()
             for position, form in enumerate(forms):
                 words = normalize(form)
+                name = words if position == 0 else name
                 if not words:
                     continue
                 if len(words) > cfg.max_alias_tokens:
@@ -160,8 +199,13 @@ class EntityLinker:
                 elif cfg.skip_stopword_aliases and all(w in STOPWORDS or w.isdigit() for w in words):
                     stop.add(words)
                 else:
+                    tables = [candidates]
+                    if not (cfg.acronyms_match_capitals and _is_acronym(form)):
+                        tables.append(mixed)
+                    if form == form.lower() and (not cfg.lowercase_names_only or _holds_name(words, name)):
+                        tables.append(lowercase)
                     tier = int(position > 0)
-                    for table in (candidates, lowercase) if form == form.lower() else (candidates,):
+                    for table in tables:
                         ents = table.setdefault(words, {})
                         ents[int(entity)] = min(ents.get(int(entity), tier), tier)
 
@@ -186,17 +230,18 @@ class EntityLinker:
             ents = candidates[words]
             num_ambiguous += len(ents) > 1
             entity = resolve(ents)
-            lower = resolve(lowercase.get(words, {})) if cfg.respect_capitalisation else entity
             if entity < 0:
                 continue
+            in_mixed = resolve(mixed.get(words, {}))
+            lower = resolve(lowercase.get(words, {})) if cfg.respect_capitalisation else in_mixed
             node = trie
             for w in words:
                 node = node.setdefault(w, {})
-            node[_END] = (entity, lower)  # the entity of capitalised and of all-lowercase text
+            node[_END] = (entity, in_mixed, lower)  # the entity of text in capitals, in mixed case, in lowercase
             num_indexed += 1
             linked.add(entity)
         stats = LinkerStats(len(linked), num_indexed, num_ambiguous, len(short), len(long), len(stop))
-        return cls(trie, cfg, stats)
+        return cls(trie, cfg, stats, frozenset(int(e) for e in languages))
 
     @classmethod
     def from_kg_text(
@@ -209,13 +254,15 @@ class EntityLinker:
         """Aliases of every entity of the id map (name, Wikidata label and aliases); entities without
         text are not linkable (their name would be the MID itself)."""
         aliases: dict[int, list[str]] = {}
+        languages = [e for label, e in entity_to_id.items()
+                     if label in text.wikidata and names_a_language(text.wikidata[label].description)]
         for label, entity in entity_to_id.items():
             forms = [f for f in text.aliases(label) if f != label]
             if forms and _STAR_SUFFIX.search(forms[0]):  # "Batman-US": text writes "Batman", the name
                 forms.insert(0, _STAR_SUFFIX.sub("", forms[0]))
             if forms:
                 aliases[entity] = forms
-        return cls.build(aliases, cfg, degree)
+        return cls.build(aliases, cfg, degree, languages)
 
     def lookup(self, surface: str) -> int | None:
         """The entity an exact alias (after normalisation) maps to, or None."""
@@ -226,9 +273,7 @@ class EntityLinker:
                 return None
         if node is self._trie or _END not in node:
             return None
-        entity, lower = node[_END]
-        lowercase_text = self.cfg.respect_capitalisation and surface.islower()
-        found = lower if lowercase_text else entity
+        found = _by_case(node[_END], surface)
         return found if found >= 0 else None
 
     def link(self, text: str) -> list[Mention]:
@@ -247,11 +292,9 @@ class EntityLinker:
             j = i
             while True:
                 if _END in node:
-                    any_case, lower = node[_END]
-                    if lower != any_case and text[spans[i][0] : spans[j][1]].islower():
-                        any_case = lower
-                    if any_case >= 0:
-                        best_end, entity = j, any_case
+                    found = _by_case(node[_END], text[spans[i][0] : spans[j][1]])
+                    if found >= 0:
+                        best_end, entity = j, found
                 j += 1
                 if j >= num_words:
                     break
@@ -262,9 +305,89 @@ class EntityLinker:
                 i += 1
                 continue
             start, end = spans[i][0], spans[best_end][1]
+            if (self.cfg.skip_cut_initialisms and _cuts_initialism(text, start, end)) or (
+                self.cfg.skip_name_fragments and _name_fragment(text, spans, words, i, best_end)
+            ) or (self.cfg.skip_language_adjectives and entity in self.languages and best_end == i
+                  and _before_lowercase_word(text, spans, words, i)):
+                i += 1  # a later word may still start a whole match ("U.S" after "the U")
+                continue
             out.append(Mention(start, end, entity, text[start:end]))
             i = best_end + 1
         return out
+
+
+# the head of a Wikidata description: its text before the first clause, preposition or participle
+_DESCRIPTION_HEAD = re.compile(r"[,;(]| (?:of|in|spoken|used|native|arising|originating|and|that|which)\b")
+
+
+def names_a_language(description: str) -> bool:
+    """Whether a Wikidata description's head noun is "language(s)": "Romance language", "language spoken in
+    Greece and Cyprus", "family of languages"; not "functional programming language", "Hindi language film
+    industry", "English-language university", "scientific study of human language"."""
+    if description.startswith("family of languages"):
+        return True
+    head = _DESCRIPTION_HEAD.split(description, maxsplit=1)[0].rstrip()
+    return re.search(r"(?<![\w-])languages?$", head) is not None and "programming" not in head
+
+
+def _before_lowercase_word(text: str, spans: list[tuple[int, int]], words: list[str], i: int) -> bool:
+    """Whether word ``i`` is followed, across one space, by a lowercase word that is not a stopword: the
+    noun an adjective qualifies ("French colony"), not "in French and", "English while", "English."."""
+    return (i + 1 < len(spans) and text[spans[i][1] : spans[i + 1][0]] == " "
+            and text[spans[i + 1][0]].islower() and words[i + 1] not in STOPWORDS)
+
+
+def _by_case(ends: tuple[int, int, int], surface: str) -> int:
+    """The entity of a trie node for text written as ``surface``: in capitals, mixed case, lowercase."""
+    upper, mixed, lower = ends
+    if upper == mixed == lower:
+        return upper
+    return lower if surface.islower() else upper if surface.isupper() else mixed
+
+
+def _is_acronym(form: str) -> bool:
+    """An alias written in capitals: at least two letters, all uppercase ("NBC", "U.S.", "INC")."""
+    letters = [c for c in form if c.isalpha()]
+    return len(letters) >= 2 and all(c.isupper() for c in letters)
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def _holds_name(words: tuple[str, ...], name: tuple[str, ...]) -> bool:
+    """Whether an alias holds every word of the entity's name, plurals aside ("television presenter" and
+    "presenters" hold "Presenter"), or is the name's head noun, its last words ("director" of "Film
+    Director"); "host", "steam" and "rock" are neither for "Presenter", "Water" and "Rock music"."""
+    stems = [_stem(w) for w in words]
+    name_stems = [_stem(w) for w in name]
+    return bool(name) and (all(w in stems for w in name_stems) or name_stems[-len(stems):] == stems)
+
+
+def _cuts_initialism(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` stops or starts inside a dotted initialism: a single letter and a dot
+    follow ("the U" of "the U.S.") or precede ("S.C" of "A.S.C.") without a space."""
+    after = end + 1 < len(text) and text[end] == "." and text[end + 1].isalpha() and (
+        end + 2 == len(text) or not text[end + 2].isalnum())
+    before = start >= 2 and text[start - 1] == "." and text[start - 2].isalpha() and (
+        start == 2 or not text[start - 3].isalnum())
+    return after or before
+
+
+def _name_fragment(text: str, spans: list[tuple[int, int]], words: list[str], i: int, j: int) -> bool:
+    """Whether the match of words ``i..j`` is a piece of a longer capitalised name: its first (last) word
+    is capitalised and so is the word before (after) it, across one space or hyphen, and that word is not
+    a stopword ("The", "Of"). Matches written in capitals (acronyms, shouted text) are exempt."""
+    start, end = spans[i][0], spans[j][1]
+    if text[start:end].isupper():
+        return False
+    if i > 0 and text[start].isupper() and text[spans[i - 1][1] : start] in (" ", "-"):
+        if text[spans[i - 1][0]].isupper() and words[i - 1] not in STOPWORDS:
+            return True
+    if j + 1 < len(spans) and text[spans[j][0]].isupper() and text[end : spans[j + 1][0]] in (" ", "-"):
+        if text[spans[j + 1][0]].isupper() and words[j + 1] not in STOPWORDS:
+            return True
+    return False
 
 
 def _align(mentions: Sequence, tokens: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from bikd.lm.linking import (
     collate_mentions,
     fill_mentions,
     mentions_to_tokens,
+    names_a_language,
     normalize,
     spans_tensor,
 )
@@ -34,8 +37,9 @@ def test_normalize_folds_case_accents_and_punctuation():
 
 def test_longest_match_wins_and_matches_do_not_overlap():
     aliases = {1: ["New York"], 2: ["New York City"], 3: ["York"], 4: ["City Hall"]}
-    assert link(aliases, "New York City Hall, then York.") == [("New York City", 2), ("York", 3)]
-    assert link(aliases, "New York and New York Times") == [("New York", 1), ("New York", 1)]
+    # the matching itself, without the rule that drops pieces of longer capitalised names
+    assert link(aliases, "New York City Hall, then York.", skip_name_fragments=False) == [("New York City", 2), ("York", 3)]
+    assert link(aliases, "New York and New York Times", skip_name_fragments=False) == [("New York", 1), ("New York", 1)]
     # a longer alias that fails on its last word falls back to the longest complete one
     assert link({1: ["Bank"], 2: ["Bank of England"]}, "Bank of France") == [("Bank", 1)]
 
@@ -78,7 +82,8 @@ def test_ambiguous_alias_policy():
     noisy = {1: ["Michael Jordan", "Batman"], 2: ["Batman"]}
     assert link(noisy, "Batman", degree={1: 500, 2: 3}) == [("Batman", 2)]
     # with "skip", an ambiguous longer alias gives way to an unambiguous shorter one
-    assert link({1: ["Paris"], 2: ["Paris Texas"], 3: ["Paris Texas"]}, "Paris Texas", ambiguous="skip") == [("Paris", 1)]
+    assert link({1: ["Paris"], 2: ["Paris Texas"], 3: ["Paris Texas"]}, "Paris Texas", ambiguous="skip",
+                skip_name_fragments=False) == [("Paris", 1)]
 
 
 def test_result_does_not_depend_on_alias_order():
@@ -118,11 +123,97 @@ def test_lookup_and_stats():
         {"ambiguous": "first"},
         {"skip_stopword_aliases": "yes"},
         {"respect_capitalisation": 1},
+        {"skip_name_fragments": 1},
+        {"lowercase_names_only": "true"},
     ],
 )
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError):
         LinkerConfig(**kwargs)
+
+
+# --- precision rules (issue 12; bench/linking_quality.py measures them on a labelled sample) ----------
+
+
+def test_lowercase_text_matches_names_not_loose_aliases():
+    aliases = {1: ["Water", "water", "steam"], 2: ["Film Director", "director"], 3: ["Rock music", "rock"],
+               4: ["Presenter", "television presenter", "host"], 5: ["Sports", "sport"]}
+    text = "steam and water, the director, hard rock, a host, a television presenter, sport"
+    assert link(aliases, text) == [("water", 1), ("director", 2), ("television presenter", 4), ("sport", 5)]
+    # capitalised text still matches any alias
+    assert link(aliases, "Steam and Rock") == [("Steam", 1), ("Rock", 3)]
+    assert EntityLinker.build(aliases).lookup("steam") is None
+    loose = link(aliases, text, lowercase_names_only=False)
+    assert [s for s, _ in loose] == ["steam", "water", "director", "rock", "host", "television presenter", "sport"]
+
+
+def test_acronym_aliases_match_only_text_in_capitals():
+    aliases = {1: ["Indian National Congress", "INC"], 2: ["Nine Inch Nails", "NIN"]}
+    text = "Aspyr Media, Inc. and the INC; Nin and NIN"
+    assert link(aliases, text) == [("INC", 1), ("NIN", 2)]
+    assert link(aliases, text, acronyms_match_capitals=False) == [("Inc", 1), ("INC", 1), ("Nin", 2), ("NIN", 2)]
+    linker = EntityLinker.build(aliases)
+    assert linker.lookup("Inc") is None and linker.lookup("INC") == 1
+    # an entity that writes the alias in mixed case takes mixed-case text
+    assert link({1: ["INC"], 2: ["Inc"]}, "Inc. INC") == [("Inc", 2), ("INC", 1)]
+
+
+def test_no_match_inside_a_dotted_initialism():
+    aliases = {1: ["The U"], 2: ["U.S."], 3: ["South Carolina", "S.C."]}
+    text = "in the U.S. state, A.S.C. members; S.C. beaches"
+    assert link(aliases, text) == [("U.S", 2), ("S.C", 3)]  # "U.S" after "the U" is dropped
+    assert link(aliases, text, skip_cut_initialisms=False) == [("the U", 1), ("S.C", 3), ("S.C", 3)]
+
+
+def test_pieces_of_longer_capitalised_names_are_not_linked():
+    aliases = {1: ["New York"], 2: ["Western", "western"], 3: ["Kenya"], 4: ["Super"], 5: ["Miami"]}
+    text = ("The New York Times, a Western Union office, Mount Kenya, the Super Bowl, Miami-Dade County; "
+            "in Kenya, a western. The Kenya team. NEW YORK CITY, Miami, Florida")
+    assert link(aliases, text) == [("Kenya", 3), ("western", 2), ("Kenya", 3), ("NEW YORK", 1), ("Miami", 5)]
+    assert len(link(aliases, text, skip_name_fragments=False)) == 10
+
+
+def test_language_names_before_a_noun_are_adjectives_of_nationality():
+    aliases = {1: ["French"], 2: ["English", "English language"], 3: ["Scots"]}
+    text = ("a French colony, written in French and English. The English language is; French-speaking; "
+            "an English actress under Scots law")
+    linker = EntityLinker.build(aliases, languages=[1, 2])
+    assert [(m.surface, m.entity) for m in linker.link(text)] == [
+        ("French", 1), ("English", 2), ("English language", 2), ("French", 1), ("Scots", 3)]
+    off = EntityLinker.build(aliases, LinkerConfig(skip_language_adjectives=False), languages=[1, 2])
+    assert len(off.link(text)) == 7
+
+
+@pytest.mark.parametrize(
+    "description, language",
+    [("Romance language", True), ("language spoken in Greece and Cyprus", True), ("family of languages", True),
+     ("Turkic language (possibly Altaic)", True), ("language", True), ("functional programming language", False),
+     ("Hindi language film industry", False), ("English-language university in Montreal, Quebec", False),
+     ("scientific study of human language", False), ("country in Western Europe", False), ("", False)],
+)
+def test_names_a_language(description, language):
+    assert names_a_language(description) is language
+
+
+def test_before_issue_12_switches_every_precision_rule_off():
+    before, now = LinkerConfig.before_issue_12(), LinkerConfig()
+    rules = ("lowercase_names_only", "acronyms_match_capitals", "skip_cut_initialisms", "skip_name_fragments",
+             "skip_language_adjectives")
+    assert all(getattr(now, r) for r in rules) and not any(getattr(before, r) for r in rules)
+    assert LinkerConfig.before_issue_12(skip_name_fragments=True).skip_name_fragments
+
+
+def test_committed_linking_sample_is_labelled():
+    """bench/data/linking_sample.jsonl is the ground truth of bench/linking_quality.py: every row labelled,
+    its span pointing into its text, half SQuAD and half descriptions."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "data" / "linking_sample.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 300 and sorted(r["id"] for r in rows) == list(range(300))
+    assert sum(r["source"] == "squad" for r in rows) == sum(r["source"] == "description" for r in rows) == 150
+    for r in rows:
+        assert r["text"][r["start"] : r["end"]] == r["surface"]
+        assert r["label"] in ("right", "wrong", "not_entity") and (r["label"] == "right") == (not r["reason"])
+        assert r.get("label_after", "right") in ("right", "wrong", "not_entity")
 
 
 # --- tokenizer offsets -------------------------------------------------------------------------------
@@ -246,7 +337,10 @@ def test_real_descriptions_link_known_entities(fb):
         return {(m.surface, m.entity) for m in linker.link(text.entities[mid].description)}
 
     # Jeremy Irons: "Jeremy John Irons is an English actor."
-    assert ("actor", ids["/m/02hrh1q"]) in linked("/m/016ywr")  # Actor-GB, found through its lowercase label
+    irons = linked("/m/016ywr")
+    assert ("actor", ids["/m/02hrh1q"]) in irons  # Actor-GB, found through its lowercase label
+    assert not any(s == "English" for s, _ in irons)  # "English actor": nationality, not the language
+    assert linker.lookup("steam") is None and linker.lookup("water") is not None  # "steam" was Water's alias
     # Chicago Cubs: "... located in Chicago, Illinois, USA."
     cubs = linked("/m/01yjl")
     assert {("Chicago Cubs", ids["/m/01yjl"]), ("Chicago, Illinois", ids["/m/01_d4"]), ("USA", ids["/m/09c7w0"])} <= cubs
