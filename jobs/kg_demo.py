@@ -1,27 +1,28 @@
-"""KG-side demo on embedded data: load a KG, version it, train TransE, evaluate, commit mined triples.
+"""KG-side demo on embedded data: load a KG, version it, train ComplEx, evaluate, export the embeddings.
 
     python jobs/kg_demo.py [--config FILE] [--set train.epochs=5 --set data.dataset=nations ...]
 
-The run directory (any fsspec URL) holds a versioned KG store: version 0 is the gold KG; each run
-appends the model's most confident new link predictions (at least ``min_confidence``) as a *mined* version
-with provenance. The directory records the dataset and model it was made with and refuses another
-(``--set run_dir=...`` picks a new one). Ctrl-C or SIGTERM stops after the current step with a checkpoint;
-the same command resumes from it.
+The run directory (any fsspec URL) holds a versioned KG store (``kg/``, version 0 = the gold KG) and the
+trained embeddings (``export/``, a bikd.kge.export folder over the store's id map). The demo mines nothing:
+mining reads text with a relation extractor and runs in jobs/mine.py, which takes this store and export
+(the KG model's own predictions were once committed here, chosen from the test queries: that read the
+test split to choose what to add). The directory records the dataset and model it was made with and
+refuses another (``--set run_dir=...`` picks a new one). Ctrl-C or SIGTERM stops after the current step
+with a checkpoint; the same command resumes from it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 
-import torch
 
 from bikd.cli import GracefulStop, job_parser, parse_job_config, run_main, set_num_threads
 from bikd.config import dump_yaml, to_dict
 from bikd.eval import EvalConfig, evaluate
 from bikd.kg.datasets import DataConfig, load_from_config
-from bikd.kg.store import KGStore, MinedTriple, Provenance
+from bikd.kg.store import KGStore
+from bikd.kge.export import export_embeddings
 from bikd.kge.loop import LocalEpochs, LoopConfig, train_epochs
 from bikd.kge.losses import LossConfig
 from bikd.kge.models import ModelConfig
@@ -39,41 +40,12 @@ class DemoConfig:
         batch_size=256, epochs=20))
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/kg_demo"
-    num_mined: int = 20
-    #: mined triples below this confidence (softmax probability of the tail) are never committed. On UMLS the
-    #: 20-epoch default model's top 20 are 0.13-0.05, a 1-epoch model's best 0.048, an untrained one's 0.008
-    min_confidence: float = 0.05
     #: torch threads; null: the CPUs this process may run on
     num_threads: int | None = None
 
     def __post_init__(self):
-        if self.num_mined < 0:
-            raise ValueError(f"num_mined must be >= 0, got {self.num_mined}")
-        if not 0 < self.min_confidence <= 1:
-            raise ValueError(f"min_confidence must be in (0, 1], got {self.min_confidence}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
-
-
-def mine(model, kg, known: set[tuple[int, int, int]], cfg: DemoConfig, top_k: int = 5) -> list[tuple[int, int, int, float]]:
-    """The model's most confident new (h, r, t) among the top-k tails of each test query, none below
-    ``cfg.min_confidence``; confidence is the softmax probability of t among all entities (a sigmoid of the
-    score was no use: an undertrained model is the surer of the two). Triples already in the KG (gold or
-    mined) and self-loops (TransE's trivial guess) are skipped."""
-    h, r = kg.test[:, 0], kg.test[:, 1]
-    with torch.no_grad():
-        conf, tails = model.score_t(h, r).softmax(dim=1).topk(min(top_k, kg.num_entities), dim=1)
-    found: dict[tuple[int, int, int], float] = {}
-    for flat in conf.flatten().argsort(descending=True).tolist():
-        q, k = divmod(flat, conf.shape[1])
-        if conf[q, k] < cfg.min_confidence:
-            break
-        triple = (int(h[q]), int(r[q]), int(tails[q, k]))
-        if triple[0] != triple[2] and triple not in known and triple not in found:
-            found[triple] = float(conf[q, k])
-            if len(found) == cfg.num_mined:
-                break
-    return [(*t, c) for t, c in found.items()]
 
 
 def demo(cfg: DemoConfig) -> int:
@@ -107,27 +79,18 @@ def demo(cfg: DemoConfig) -> int:
     metrics = evaluate(model, kg.test, [known], kg.num_relations, cfg.eval).metrics()
     print("test (filtered, realistic): " + "  ".join(f"{k} {metrics[f'both.{k}']:.4f}" for k in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")))
 
-    snapshot = hashlib.sha256(model.entity.detach().numpy().tobytes()).hexdigest()[:16]
-    e, rl = kg.entities.labels, kg.relations.labels
-    ids, _ = store.read().mined_arrays(kg.entities.to_id, kg.relations.to_id)
-    known_set = set(map(tuple, known.tolist())) | set(map(tuple, ids.tolist()))
-    mined = [
-        MinedTriple(e[h], rl[r], e[t], Provenance("kge-demo-link-prediction", store.head, conf, snapshot, f"{cfg.train.model.name} top-k tail for a test query"))
-        for h, r, t, conf in mine(model, kg, known_set, cfg)
-    ]
-    if mined:
-        version = store.commit(mined, message=f"demo run: {len(mined)} top-k link predictions of {cfg.train.model.name} {snapshot}")
-    else:
-        version = store.head
-        print(f"nothing reached min_confidence {cfg.min_confidence}: no KG version committed")
-    storage.write_text(f"metrics-v{version}.json", json.dumps({"test": metrics, "kg_version": version, "data": kg.load_counts(),
-                                                               "epochs": result.history}, indent=2))
-    run.clear_progress()  # this run is done and committed: the next one trains afresh and appends another version
+    version = store.head
+    export_embeddings(storage, model.entity, model.relation, kg.entities.labels, kg.relations.labels, cfg.train.model,
+                      prefix="export", extra={"dataset": kg.name, "kg_version": version, "test": metrics})
+    storage.write_text("metrics.json", json.dumps({"test": metrics, "kg_version": version, "data": kg.load_counts(),
+                                                   "epochs": result.history}, indent=2))
+    run.clear_progress()  # this run is done: the next one trains afresh
     storage.delete("checkpoints", recursive=True)
     for v in store.versions():
         print(f"  KG v{v.version}: {v.kind:8s} +{v.num_mined_added:3d} mined (total {v.num_mined})  {v.message}")
-    for m in mined[:3]:
-        print(f"  mined: {m.head} --{m.relation}--> {m.tail}  confidence {m.provenance.confidence:.3f}")
+    print(f"embeddings: {storage.url_of('export')}\n"
+          f"mining (LM -> KG) runs in jobs/mine.py: --set store={storage.url_of('kg')} "
+          f"--set kg_export={storage.url_of('export')} --set extractor=<an exported relation extractor>")
     return 0
 
 
