@@ -156,9 +156,11 @@ class RelationExtractor(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``logits (P, R + 1) = head([m_h; m_t; m_h * m_t])`` with ``m_h = mention_representations(hidden,
-        mention_spans[0::2])``, ``m_t`` likewise from ``mention_spans[1::2]``; ``hidden (P, S, H)`` is the
-        encoder's last hidden state of ``input_ids (P, S)``, fused at ``token_entity (P, S)`` when ``fusion``.
-        ``mention_spans (2P, 4)``: rows ``(p, start, end_exclusive, entity)``, h then t of each row p."""
+        mention_spans[0::2])``, ``m_t`` likewise from ``mention_spans[1::2]``; ``hidden (B, S, H)`` is the
+        encoder's last hidden state of ``input_ids (B, S)``, fused at ``token_entity (B, S)`` when ``fusion``.
+        ``mention_spans (2P, 4)``: rows ``(b, start, end_exclusive, entity)``, h then t of each pair.
+        :func:`encode_pairs` gives one row per pair (B = P); without fusion, :func:`batch_logits` lets the
+        pairs of one passage share its row (``share_rows``): the text is the same, so is the encoding."""
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       token_type_ids=batch.get("token_type_ids"))
         if self.fusion:
@@ -169,8 +171,8 @@ class RelationExtractor(nn.Module):
         else:
             hidden = self.body(**kwargs).last_hidden_state
         spans = batch["mention_spans"]
-        if spans.shape != (2 * len(hidden), 4):
-            raise ValueError(f"mention_spans must be (2P, 4) = {(2 * len(hidden), 4)}, got {tuple(spans.shape)}")
+        if spans.ndim != 2 or spans.shape[1] != 4 or len(spans) % 2:
+            raise ValueError(f"mention_spans must be (2P, 4), h then t of each pair, got {tuple(spans.shape)}")
         mentions = mention_representations(hidden, spans)
         m_h, m_t = mentions[0::2], mentions[1::2]
         return self.head(torch.cat([m_h, m_t, m_h * m_t], dim=-1))
@@ -223,31 +225,44 @@ def _window(n: int, spans: list[tuple[int, int]], width: int) -> list[int]:
     return sorted(keep)
 
 
-def encode_pairs(tokenizer, candidates: Sequence[PairCandidate], max_length: int) -> dict[str, Tensor]:
+def encode_pairs(tokenizer, candidates: Sequence[PairCandidate], max_length: int, *,
+                 share_rows: bool = False) -> dict[str, Tensor]:
     """Candidates -> a batch dict: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``token_entity``
-    ``(P, S)`` (S = the longest row, <= ``max_length``; h's tokens hold h's id, t's t's, others -1) and
-    ``mention_spans (2P, 4)`` (h then t per row, token spans in the row). A passage longer than
+    ``(B, S)`` (S = the longest row, <= ``max_length``; h's tokens hold h's id, t's t's, others -1) and
+    ``mention_spans (2P, 4)`` (h then t per pair, token spans in its row). A passage longer than
     ``max_length - 2`` tokens is cut to a window around both mentions (two windows joined when they are
-    further apart than that), so both always stay inside. Each distinct text is tokenized once."""
+    further apart than that), so both always stay inside. Each distinct text is tokenized once.
+
+    One row per pair (B = P) by default. ``share_rows``: pairs of a text that fits whole share one row with
+    no linked tokens (``token_entity`` all -1), for a model without fusion, whose encoding of a text does
+    not depend on the pair."""
     if max_length < 8:
         raise ValueError(f"max_length must be >= 8, got {max_length}")
     width = max_length - 2
     cache: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+    shared: dict[str, int] = {}
     rows: list[list[int]] = []
     ents: list[list[int]] = []
     spans: list[tuple[int, int, int, int]] = []
-    for p, c in enumerate(candidates):
+    for c in candidates:
         if c.text not in cache:
             enc = tokenizer(c.text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
             cache[c.text] = (enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]])
         ids, offsets = cache[c.text]
         token_spans = [_token_span(offsets, sp, c.doc_id) for sp in (c.h_span, c.t_span)]
+        if share_rows and len(ids) <= width:
+            if c.text not in shared:
+                shared[c.text] = len(rows)
+                rows.append([tokenizer.cls_token_id, *ids, tokenizer.sep_token_id])
+                ents.append([-1] * (len(ids) + 2))
+            spans.extend((shared[c.text], s + 1, e + 1, ent) for (s, e), ent in zip(token_spans, (c.h, c.t)))
+            continue
         keep = _window(len(ids), token_spans, width)
         where = {k: i + 1 for i, k in enumerate(keep)}  # +1: [CLS]
         row_ents = [-1] * (len(keep) + 2)
         for (s, e), ent in zip(token_spans, (c.h, c.t)):
             inside = [where[k] for k in range(s, e) if k in where]
-            spans.append((p, inside[0], inside[-1] + 1, ent))
+            spans.append((len(rows), inside[0], inside[-1] + 1, ent))
             for k in inside:
                 if row_ents[k] < 0:  # overlapping h and t (not a real pair) keep h's id
                     row_ents[k] = ent
@@ -266,21 +281,39 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _chunks(candidates: Sequence[PairCandidate], batch_size: int, by_text: bool) -> list[list[int]]:
+    """Candidate indices in batches, shortest texts first (little padding): ``batch_size`` pairs, or with
+    ``by_text`` ``batch_size`` distinct texts (rows) and all their pairs."""
+    order = sorted(range(len(candidates)), key=lambda i: (len(candidates[i].text), candidates[i].text))
+    if not by_text:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[list[int]] = []
+    texts: set[str] = set()
+    for i in order:
+        text = candidates[i].text
+        if not out or (text not in texts and len(texts) == batch_size):
+            out.append([])
+            texts = set()
+        texts.add(text)
+        out[-1].append(i)
+    return out
+
+
 def batch_logits(model: RelationExtractor, tokenizer, candidates: Sequence[PairCandidate], batch_size: int,
                  max_length: int = 128) -> Tensor:
     """Raw logits ``(n, R + 1)`` (float32, CPU, no temperature) in candidate order, in eval mode and without
-    gradients; rows are batched by text length so that little padding is computed."""
+    gradients. Rows are batched by text length (little padding); a model without fusion encodes each
+    passage that fits in ``max_length`` once for all its pairs (``batch_size`` passages per batch), one
+    with fusion each pair (its h and t rows are fused), ``batch_size`` pairs per batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = torch.zeros(len(candidates), model.num_relations + 1)
-    order = sorted(range(len(candidates)), key=lambda i: len(candidates[i].text))
     was_training, device = model.training, _device(model)
     model.eval()
     try:
         with torch.inference_mode():
-            for i in range(0, len(order), batch_size):
-                idx = order[i:i + batch_size]
-                batch = encode_pairs(tokenizer, [candidates[k] for k in idx], max_length)
+            for idx in _chunks(candidates, batch_size, by_text=not model.fusion):
+                batch = encode_pairs(tokenizer, [candidates[k] for k in idx], max_length, share_rows=not model.fusion)
                 out[idx] = model({k: v.to(device) for k, v in batch.items()}).float().cpu()
     finally:
         model.train(was_training)
@@ -290,7 +323,8 @@ def batch_logits(model: RelationExtractor, tokenizer, candidates: Sequence[PairC
 def predict(model: RelationExtractor, tokenizer, candidates: Sequence[PairCandidate], batch_size: int = 64, *,
             max_length: int | None = None) -> np.ndarray:
     """``p(r | h, t, passage) = softmax(logits / temperature)`` -> ``(n, R + 1)`` float32 rows summing to 1,
-    the last column "no relation". ``max_length``: None: the model's own (``ExtractorConfig.max_length``)."""
+    the last column "no relation". ``batch_size``: passages per batch without fusion, pairs with it
+    (:func:`batch_logits`). ``max_length``: None: the model's own (``ExtractorConfig.max_length``)."""
     length = max_length or model.max_length
     logits = batch_logits(model, tokenizer, candidates, batch_size, length)
     probs = torch.softmax(logits / model.temperature.float().cpu(), dim=-1)

@@ -98,6 +98,18 @@ def test_training_lowers_the_loss_and_predict_gives_distributions(data):
     assert predict(model, tok, []).shape == (0, R + 1)
 
 
+def test_pairs_of_a_passage_share_its_encoding_without_fusion(data):
+    cands, _ = data
+    model, tok = build_extractor(ExtractorConfig(), R, encoder_cfg=TINY_ENC)
+    shared = encode_pairs(tok, cands, 64, share_rows=True)
+    assert len(shared["input_ids"]) == len({c.text for c in cands}) < len(cands)
+    assert len(shared["mention_spans"]) == 2 * len(cands)
+    with torch.no_grad():
+        one_row_each = model(encode_pairs(tok, cands, 64))
+    # what predict computes (rows shared, batched by passage) is what one row per pair gives
+    torch.testing.assert_close(batch_logits(model, tok, cands, 4, 64), one_row_each, atol=1e-5, rtol=1e-5)
+
+
 def test_no_relation_subsampling_and_bad_labels(data):
     cands, labels = data
     cfg = ExtractorConfig(epochs=1, batch_size=64, no_relation_ratio=0.5)
