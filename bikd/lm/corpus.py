@@ -5,7 +5,9 @@ Readers (each returns ``list[Passage]`` with stable ``doc_id`` s):
 - :func:`description_passages`: FB15k-237's ``entity2text.txt`` descriptions, read as ``"<name> -- <description>"``
   with the described entity as the passage's subject (its name is a mention at the start);
 - :func:`squad_passages`: the paragraphs of the SQuAD **fine-tune** articles only;
-- :func:`read_corpus`: the user's plain-text or JSONL file.
+- :func:`read_corpus`: the user's plain-text or JSONL file;
+- :func:`fewrel_candidates`: FewRel sentences whose two annotated entities are both in the KG (optional;
+  through ``entity2wikidata.json``), as candidates with the annotators' spans.
 
 :func:`pair_candidates` turns passages into co-mention :class:`~bikd.lm.pairs.PairCandidate` s (it reads text
 and the linker only, never a KG split); :func:`distant_labels` labels them from the triples it is given (pass
@@ -28,8 +30,8 @@ from bikd.lm import squad
 from bikd.lm.pairs import CO_MENTION, PairCandidate, Passage
 from bikd.storage import open_url
 
-__all__ = ["description_passages", "squad_passages", "read_corpus", "pair_candidates", "distant_labels",
-           "SKIP_KEYS"]
+__all__ = ["description_passages", "squad_passages", "read_corpus", "fewrel_candidates", "pair_candidates",
+           "distant_labels", "SKIP_KEYS"]
 
 #: keys of the counts :func:`pair_candidates` returns
 SKIP_KEYS = ("passages", "candidates", "passages_no_entity", "passages_one_entity", "pairs_cut")
@@ -133,6 +135,41 @@ def read_corpus(url: str, *, format: str = "auto", paragraphs: bool = False,
     if not out:
         raise KGDataError(url, None, "holds no passages (every line is blank)" if not jsonl else
                           'holds no passages (no line with a non-blank "text")')
+    return out
+
+
+def fewrel_candidates(path: str, text: KGText, entity_to_id: Mapping[str, int]) -> list[PairCandidate]:
+    """FewRel 1.0 (``{relation: [{"tokens", "h": [name, wikidata_id, [[positions]]], "t": ...}]}``) instances
+    whose head and tail Wikidata ids both map to KG entities (``text.wikidata``: mid -> Wikidata id), as
+    co-mention candidates on the sentence (tokens joined by spaces) with the annotated spans (first
+    occurrence), ``doc_id = "fewrel:<relation>#<index>"``. The FewRel relation is *not* used: labels come
+    from the KG split, as for every candidate. About 240 of FewRel's validation instances qualify."""
+    with open_url(path, "rb") as f:
+        try:
+            data = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KGDataError(path, getattr(e, "lineno", None), f"not valid UTF-8 JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise KGDataError(path, None, "expected a JSON object mapping relation -> instances")
+    by_qid = {w.wikidata_id: entity_to_id[mid] for mid, w in text.wikidata.items() if mid in entity_to_id}
+    out = []
+    for rel, instances in data.items():
+        for k, inst in enumerate(instances):
+            try:
+                tokens, (_, h_qid, h_pos), (_, t_qid, t_pos) = inst["tokens"], inst["h"], inst["t"]
+                h_first, t_first = h_pos[0], t_pos[0]
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise KGDataError(path, None, f"{rel}[{k}]: expected tokens, h and t as FewRel writes them",
+                                  str(inst)[:200]) from None
+            if h_qid not in by_qid or t_qid not in by_qid or by_qid[h_qid] == by_qid[t_qid]:
+                continue
+            starts, pos = [], 0
+            for tok in tokens:
+                starts.append(pos)
+                pos += len(tok) + 1
+            span = lambda ps: (starts[min(ps)], starts[max(ps)] + len(tokens[max(ps)]))  # noqa: E731
+            out.append(PairCandidate(f"fewrel:{rel}#{k}", " ".join(tokens), by_qid[h_qid], by_qid[t_qid],
+                                     span(h_first), span(t_first), CO_MENTION))
     return out
 
 

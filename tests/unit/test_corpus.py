@@ -9,7 +9,8 @@ import torch
 
 from bikd.kg.text import EntityText, KGText
 from bikd.kg.triples import KGDataError
-from bikd.lm.corpus import description_passages, distant_labels, pair_candidates, read_corpus, squad_passages
+from bikd.lm.corpus import (description_passages, distant_labels, fewrel_candidates, pair_candidates, read_corpus,
+                             squad_passages)
 from bikd.lm.linking import EntityLinker
 from bikd.lm.pairs import CO_MENTION, PairCandidate, Passage
 
@@ -158,3 +159,20 @@ def test_distant_labels_on_real_fb15k237_descriptions(fb15k237_dir):
     heldout -= {(h, t) for h, _, t in train}
     only_heldout = [i for i, c in enumerate(cands) if (c.h, c.t) in heldout]
     assert only_heldout and all(labels[i, -1] == 1 for i in only_heldout)
+
+
+@pytest.mark.data
+def test_fewrel_candidates_map_wikidata_ids_to_kg_entities(data_file, fb15k237_dir):
+    from bikd.kg.datasets import load_text
+    from bikd.kg.triples import IdMap
+
+    text = load_text("fb15k237", path=str(fb15k237_dir))
+    ids = IdMap.from_labels(sorted(text.entities)).to_id
+    cands = fewrel_candidates(str(data_file("fewrel", "val_wiki.json")), text, ids)
+    assert 150 < len(cands) < 400  # the data README: about 240 instances have both entities in FB15k-237
+    label_of = {i: label for label, i in ids.items()}
+    # the annotated spans name the mapped entities (mostly by an alias; "American" -> United States is not one)
+    named = [bool(set(c.text[slice(*span)].lower().split()) & set(" ".join(text.aliases(label_of[e])).lower().split()))
+             for c in cands for span, e in ((c.h_span, c.h), (c.t_span, c.t))]
+    assert sum(named) > 0.8 * len(named)
+    assert len({c.doc_id for c in cands}) == len(cands)
