@@ -103,6 +103,9 @@ class RelationExtractor(nn.Module):
                  fusion_cfg: FusionConfig | None = None, table: KGTable | None = None, entity_dim: int | None = None,
                  head_dropout: float = 0.1, max_length: int = 128):
         super().__init__()
+        positions = getattr(encoder.config, "max_position_embeddings", None)
+        if positions is not None and max_length > positions:
+            raise ValueError(f"extractor.max_length {max_length} exceeds the encoder's {positions} positions")
         self.max_length = int(max_length)  # of encode_pairs' rows, the default of predict
         if num_relations < 1:
             raise ValueError(f"num_relations must be >= 1, got {num_relations}")

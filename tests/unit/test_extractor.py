@@ -195,6 +195,8 @@ def test_fusion_on_reads_the_table_and_fusion_off_ignores_it(data):
         plain.set_kg_table(KGTable.from_arrays(torch.randn(3, 4), torch.randn(5, 4), interaction="distmult"))
     with pytest.raises(ValueError, match="pass the KG table"):
         build_extractor(ExtractorConfig(fusion=True), R, encoder_cfg=TINY_ENC)
+    with pytest.raises(ValueError, match="extractor.max_length 256 exceeds the encoder's 128 positions"):
+        build_extractor(ExtractorConfig(max_length=256), R, encoder_cfg=TINY_ENC)
 
 
 @pytest.mark.parametrize("key,value", [("max_length", 4), ("epochs", 0), ("lr", 0.0), ("teacher_weight", -1.0),
