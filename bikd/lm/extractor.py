@@ -92,6 +92,7 @@ class ExtractorConfig:
 
 class RelationExtractor(nn.Module):
     """Encoder (plain, or fused when ``fusion``) + pair head -> ``(P, R + 1)`` logits, last column "no relation".
+    The head: ``Linear(3H -> H)``, GELU, ``Linear(H -> R + 1)``, dropout ``head_dropout`` before each Linear.
 
     ``state_dict``: the encoder, the fusion sites (fusion on), the head and the ``temperature`` buffer (set
     by calibration, applied by :func:`predict`, not by ``forward``). The KG table is external, as for
