@@ -31,7 +31,7 @@ from bikd.kge.models import KGEModel, ModelConfig, build_interaction
 from bikd.lm import corpus
 from bikd.lm.extractor_io import read_manifest
 from bikd.lm.linking import EntityLinker
-from bikd.mining.candidates import generate
+from bikd.mining.candidates import bound_recall, generate
 from bikd.mining.round import MiningConfig, check_id_maps, kg_snapshot_id, known_triples, run_round, summary
 from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
 from bikd.storage import Storage
@@ -50,6 +50,9 @@ class MineJobConfig:
     max_pairs_per_passage: int | None = 20
     mining: MiningConfig = field(default_factory=MiningConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    #: also generate the unbounded candidates and print the share of the train triples they reach that the
+    #: bounded ones still reach (what ``mining.candidates.max_candidates`` costs)
+    measure_bound_recall: bool = False
     num_threads: int | None = None
 
     def __post_init__(self):
@@ -104,13 +107,21 @@ def mine(cfg: MineJobConfig, dry_run: bool) -> int:
         passages += corpus.read_corpus(url)
     if not passages:
         raise ValueError("the corpus is empty: no descriptions (data has no entity2text.txt) and no corpus files")
-    pairs, skips = corpus.pair_candidates(passages, EntityLinker.from_kg_text(text, entity_to_id),
-                                          max_pairs_per_passage=cfg.max_pairs_per_passage)
+    linker = (EntityLinker.from_kg_text(text, entity_to_id) if text.entities or text.wikidata else  # else UMLS-style labels
+              EntityLinker.build({i: [e.replace("_", " ")] for i, e in enumerate(version.entities)}))
+    pairs, skips = corpus.pair_candidates(passages, linker, max_pairs_per_passage=cfg.max_pairs_per_passage)
     print("passages: " + ", ".join(f"{k} {v}" for k, v in skips.items()))
     n_e, n_r = len(version.entities), len(version.relations)
     cands = generate(pairs, passages, known_triples(version), None if model is None else model.score_t, n_e, n_r,
                      cfg.mining.candidates)
     print("candidates: " + ", ".join(f"{k} {v}" for k, v in cands.counts.items()), flush=True)
+    if cfg.measure_bound_recall:
+        everything = generate(pairs, passages, known_triples(version), None if model is None else model.score_t,
+                              n_e, n_r, cfg.mining.candidates, bounded=False)
+        train = known_triples(version)[: len(version.gold.get("train", ()))].tolist()
+        recall = bound_recall(everything.candidates, cands.candidates, map(tuple, train))
+        print(f"bound: {len(cands.candidates)} of {len(everything.candidates)} candidates, reaching {recall:.1%} of "
+              f"the train triples the unbounded ones reach", flush=True)
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init()

@@ -70,10 +70,11 @@ def run_mine(root: Path, *overrides: str, dry_run: bool = False) -> subprocess.C
 def test_mine_job_dry_run_then_one_round(setup):
     root, lm_snapshot = setup
     common = (f"kg_export={root / 'kge'}", "mining.thresholds.mode=top_k", "mining.thresholds.top_k=2",
-              "mining.candidates.top_k=1")
-    dry = run_mine(root, *common, dry_run=True)
+              "mining.candidates.top_k=1", "scoring.num_actors=1")  # tests/ray runs a pool of 2
+    dry = run_mine(root, *common, "measure_bound_recall=true", dry_run=True)
     assert dry.returncode == 0, dry.stderr
     assert "passages_no_entity 1" in dry.stdout and "dry run:" in dry.stdout and "per relation:" in dry.stdout
+    assert "bound: " in dry.stdout and "of the train triples the unbounded ones reach" in dry.stdout
     assert not (root / "store").exists()  # a dry run writes nothing, not even version 0
 
     real = run_mine(root, *common)
