@@ -233,3 +233,47 @@ def test_empty_round_commits_nothing(tmp_path):
 def test_mining_imports_no_ray():
     code = "import sys, bikd.mining.round, bikd.mining.candidates; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_candidates_from_kg_files_do_not_depend_on_valid_or_test_files(tmp_path):
+    """The issue's test, on files: the KG folder as loaded; the same folder with valid.txt and test.txt swapped
+    and holding another triple; and a store whose valid and test splits are empty (the loader refuses empty
+    files) give the same candidates (text linking, co-mentions, KG proposals, the bound)."""
+    from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
+    from bikd.lm import corpus
+    from bikd.lm.linking import EntityLinker
+
+    def folder(name: str, valid, test) -> DataConfig:
+        d = tmp_path / name
+        d.mkdir()
+        for split, triples in (("train", GOLD["train"]), ("valid", valid), ("test", test)):
+            (d / f"{split}.txt").write_text("".join("\t".join(t) + "\n" for t in triples))
+        (d / "entity2text.txt").write_text("".join(f"{e}\t{e.title()} -- a place near {'Rome' if e != 'rome' else 'Paris'} "
+                                                   f"and Germany\n" for e in ENTITIES))
+        return DataConfig(path=str(d))
+
+    def candidates(data: DataConfig, no_eval: bool = False):
+        kg = load_from_config(data)
+        gold = {s: [] if no_eval and s != "train" else kg.label_triples(s) for s in GOLD}
+        version = make_store(tmp_path / f"store-{data.name}-{no_eval}", gold).read()
+        text = text_from_config(data)
+        e2i = {e: i for i, e in enumerate(version.entities)}
+        passages = corpus.description_passages(text, e2i)
+        pairs, _ = corpus.pair_candidates(passages, EntityLinker.from_kg_text(text, e2i))
+        model = build_model(ModelConfig(name="distmult", dim=8), len(version.entities), len(version.relations))
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            model.entity.copy_(torch.randn(model.entity.shape, generator=gen))
+            model.relation.copy_(torch.randn(model.relation.shape, generator=gen))
+        got = generate(pairs, passages, known_triples(version), model.score_t, len(version.entities),
+                       len(version.relations), CandidateConfig(top_k=2, max_candidates=12))
+        labels = [(c.doc_id, c.text, version.entities[c.h], version.entities[c.t], c.h_span, c.t_span, c.source,
+                   version.relations[c.relation] if c.relation >= 0 else None) for c in got.candidates]
+        return labels, got.counts
+
+    full = candidates(folder("full", GOLD["valid"], GOLD["test"]))
+    other = [("italy", "located_in", "rome")]
+    swapped = candidates(folder("swapped", GOLD["test"] + other, GOLD["valid"] + other))
+    emptied = candidates(folder("emptied", GOLD["valid"], GOLD["test"]), no_eval=True)
+    assert len(full[0]) == 12 and {c[6] for c in full[0]} == {CO_MENTION, KG_PROPOSAL}
+    assert full == swapped == emptied
