@@ -9,7 +9,8 @@ gold). ``extractor``: an exported relation extractor (bikd.lm.extractor_io). ``k
 (a bikd.kge.export folder: its ids must be the store's) that proposes candidates and, for a fusion-on
 extractor, is fused; null: co-mention candidates only. Passages: the entity descriptions of ``data`` and
 every file in ``corpus`` (plain text or JSONL). The miner knows the store's train split and mined triples;
-valid sets the thresholds; test is never read. ``--dry-run`` scores and prints but writes nothing.
+valid sets the thresholds; test is never read. ``--dry-run`` scores and prints but writes nothing (and
+may read an older store version, ``kg_version``).
 Joins the Ray cluster at $RAY_ADDRESS, else starts a local one.
 """
 
@@ -32,7 +33,7 @@ from bikd.lm import corpus
 from bikd.lm.extractor_io import read_manifest
 from bikd.lm.linking import EntityLinker
 from bikd.mining.candidates import bound_recall, generate
-from bikd.mining.round import MiningConfig, check_id_maps, kg_snapshot_id, known_triples, run_round, summary
+from bikd.mining.round import MiningConfig, RoundResult, check_id_maps, kg_snapshot_id, known_triples, run_round, summary
 from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
 from bikd.storage import Storage
 
@@ -43,6 +44,8 @@ class MineJobConfig:
     store: str = ""
     extractor: str = ""
     kg_export: str | None = None
+    #: the store version the round reads; null: HEAD (a version below HEAD can only be mined with --dry-run)
+    kg_version: int | None = None
     #: plain-text or JSONL corpora (one passage per line / object) besides the descriptions
     corpus: tuple[str, ...] = ()
     descriptions: bool = True
@@ -69,7 +72,10 @@ def open_store(cfg: MineJobConfig, dry_run: bool) -> tuple[KGStore | None, KGVer
     storage = Storage(cfg.store)
     if storage.exists("manifests") and storage.ls("manifests"):
         store = KGStore(storage)
-        return store, store.read()
+        if cfg.kg_version is not None and cfg.kg_version != store.head and not dry_run:
+            raise ValueError(f"kg_version {cfg.kg_version} is not HEAD ({store.head}) of {storage.url}: a round commits on "
+                             f"HEAD; mine an older version with --dry-run, or roll the store back to it first")
+        return store, store.read(cfg.kg_version)
     kg = load_from_config(cfg.data)
     gold = {s: kg.label_triples(s) for s in ("train", "valid", "test")}
     if dry_run:  # the version 0 a real run would create, in memory only
@@ -99,6 +105,8 @@ def mine(cfg: MineJobConfig, dry_run: bool) -> int:
     if manifest["num_relations"] != len(version.relations):
         raise ValueError(f"the extractor at {cfg.extractor} predicts {manifest['num_relations']} relations, the KG "
                          f"(store version {version.version}) has {len(version.relations)}")
+    if manifest.get("requires_kg_table") and cfg.kg_export is None:
+        raise ValueError(f"the extractor at {cfg.extractor} fuses KG embeddings: give it the KG snapshot (--set kg_export=URL)")
     model, kg_snap = (None, "none") if cfg.kg_export is None else load_kg_model(cfg.kg_export, version, cfg.store)
     entity_to_id = {e: i for i, e in enumerate(version.entities)}
     text = text_from_config(cfg.data)
@@ -123,18 +131,24 @@ def mine(cfg: MineJobConfig, dry_run: bool) -> int:
         print(f"bound: {len(cands.candidates)} of {len(everything.candidates)} candidates, reaching {recall:.1%} of "
               f"the train triples the unbounded ones reach", flush=True)
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+    def round_with(scorer) -> RoundResult:
+        return run_round(store, version, cands.candidates, scorer, cfg.mining, lm_snapshot_id=manifest["snapshot_id"],
+                         kg_snapshot_id=kg_snap, dry_run=dry_run or store is None, counts={**skips, **cands.counts})
+
+    if not cands.candidates:  # nothing to score: no actors to start
+        result = round_with(None)
     else:
-        ray.init(address="local", include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.scoring.num_actors * cfg.scoring.num_cpus)))
-    try:
-        factory = extractor_factory(cfg.extractor, kg_export=cfg.kg_export)
-        with ActorScorer(factory, cfg.scoring, version=version.version) as scorer:
-            result = run_round(store, version, cands.candidates, scorer, cfg.mining, lm_snapshot_id=manifest["snapshot_id"],
-                               kg_snapshot_id=kg_snap, dry_run=dry_run or store is None, counts={**skips, **cands.counts})
-    finally:
-        ray.shutdown()
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(address="local", include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.scoring.num_actors * cfg.scoring.num_cpus)))
+        try:
+            factory = extractor_factory(cfg.extractor, kg_export=cfg.kg_export)
+            with ActorScorer(factory, cfg.scoring, version=version.version) as scorer:
+                result = round_with(scorer)
+        finally:
+            ray.shutdown()
     print(summary(result))
     if dry_run:
         print(f"dry run: {len(result.mined)} new triples not written")

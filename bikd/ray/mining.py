@@ -125,5 +125,7 @@ def _load_scorer(source: str, batch_size: int, kg_export: str | None) -> PairSco
         if kg_export is None:
             raise ValueError(f"the extractor at {source} fuses KG embeddings: give it a KG snapshot (a KGE export)")
         table = KGTable.from_export(Storage(kg_export))
-    model, tokenizer = load_extractor(source, table=table)
+    # an actor placed with num_gpus > 0 sees its GPU(s) and scores there; else the CPU
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    model, tokenizer = load_extractor(source, table=table, device=device)
     return make_scorer(model, tokenizer, batch_size)
