@@ -200,6 +200,10 @@ def summary(result: RoundResult, top: int = 10) -> str:
              "per source: " + (", ".join(f"{k} {v}" for k, v in sorted(result.per_source.items())) or "none"),
              "per relation: " + (", ".join(f"{k} {v}" for k, v in list(result.per_relation.items())[:top]) or "none")
              + (f" (+{len(result.per_relation) - top} more)" if len(result.per_relation) > top else "")]
+    finite = np.isfinite(result.thresholds)
+    if not np.isnan(result.thresholds).all():
+        lines.append(f"thresholds: {int(finite.sum())} of {len(finite)} relations can accept (the rest reach the "
+                     f"target precision on valid at no threshold)")
     return "\n".join(lines)
 
 

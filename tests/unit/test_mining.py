@@ -15,7 +15,7 @@ from bikd.lm.pairs import CO_MENTION, KG_PROPOSAL, PairCandidate, Passage
 from bikd.mining.candidates import (CandidateConfig, bound_recall, check_on_text, description_index, generate,
                                     kg_proposals, Proposals)
 from bikd.mining.round import (MiningConfig, check_id_maps, check_relations, decide, dedupe, known_triples,
-                               run_round)
+                               run_round, summary)
 from bikd.mining.thresholds import ThresholdConfig, calibrate, precision_threshold, top_k_per_relation
 from bikd.storage import Storage
 
@@ -175,6 +175,10 @@ def test_round_commits_one_version_with_provenance_and_rolls_back(tmp_path):
     assert p.confidence == pytest.approx(0.9) and p.evidence == "Rome is the capital of Italy"
     assert store.versions()[1].meta["round_key"]["lm_snapshot_id"] == "lm-1"
     assert res.per_source == {CO_MENTION: 1} and res.per_relation == {"capital_of": 1}
+    assert summary(res).splitlines() == ["candidates 4: accepted 2, already known 0, duplicates 1, new 1",
+                                         "per source: co-mention 1", "per relation: capital_of 1",
+                                         "thresholds: 2 of 2 relations can accept (the rest reach the target "
+                                         "precision on valid at no threshold)"]
 
     again = run_round(store, store.read(), PAIRS, fixed_scorer, cfg, lm_snapshot_id="lm-1", kg_snapshot_id="kg-1")
     assert not again.created and again.counts["dropped_known"] == 2 and store.head == 1  # nothing mined twice
