@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -146,7 +147,11 @@ def mine(cfg: MineJobConfig, dry_run: bool) -> int:
         try:
             factory = extractor_factory(cfg.extractor, kg_export=cfg.kg_export)
             with ActorScorer(factory, cfg.scoring, version=version.version) as scorer:
+                start = time.perf_counter()
                 result = round_with(scorer)
+                took = time.perf_counter() - start
+            print(f"scored {len(cands.candidates)} candidates in {took:.1f} s ({len(cands.candidates) / took:.1f}/s) "
+                  f"on {cfg.scoring.num_actors} actors")
         finally:
             ray.shutdown()
     print(summary(result))

@@ -33,7 +33,8 @@ TailScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(kw_only=True, frozen=True)
 class CandidateConfig:
     #: scored candidates per round (both sources together). Sized from measured speeds on 2 shared cores
-    #: (load ~2): the MiniLM extractor (max_length 128) scored 73 FB15k-237 description pairs/s, and the
+    #: (load ~2): the MiniLM extractor (max_length 128) scored 73 FB15k-237 description pairs/s (85/s in
+    #: jobs/mine.py on 2 one-CPU actors, a 1,000-candidate round of 40 s end to end), and the
     #: candidates of an FB15k-237 round (14,480 descriptions linked: 135,838 pairs; 93,248 (h, r) queries of
     #: a dim-200 TransE) took 15-35 s, so 20,000 candidates score in ~4.6 min and the round stays under 10
     #: min with room for Ray start-up, longer passages and a fused extractor. The bound's cost on FB15k-237
