@@ -90,10 +90,17 @@ def test_mine_job_dry_run_then_one_round(setup):
         assert p.source in ("co-mention", "kg-proposal") and p.document and p.span is not None
 
 
-def test_kg_snapshot_that_does_not_match_the_store_is_refused(setup):
+@pytest.mark.slow
+def test_bad_input_fails_before_any_work(setup):
     root, _ = setup
     bad = run_mine(root, f"kg_export={root / 'kge_other'}", f"store={root / 'store_bad'}", dry_run=True)
     assert bad.returncode == 1
     assert "does not match KG store version 0" in bad.stderr and "KG snapshot" in bad.stderr
     missing = run_mine(root, f"extractor={root / 'nowhere'}", dry_run=True)
     assert missing.returncode == 1 and "manifest.json: not found" in missing.stderr
+    empty = run_mine(root, "descriptions=false", "corpus=[]", dry_run=True)
+    assert empty.returncode == 1 and "the corpus is empty" in empty.stderr
+    (root / "broken.jsonl").write_text('{"text": "Rome is in Italy."}\n{"text": oops}\n')
+    broken = run_mine(root, f"corpus=[{root / 'broken.jsonl'}]", dry_run=True)
+    assert broken.returncode == 1 and "broken.jsonl:2" in broken.stderr
+    assert not (root / "store_bad").exists()
