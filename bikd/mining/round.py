@@ -37,10 +37,15 @@ class MiningConfig:
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     #: round number recorded in provenance; null: one more than the highest round in the store version
     round: int | None = None
+    #: a floor under every threshold (calibrated or top-k): nothing less confident is ever committed, so an
+    #: untrained extractor (near-uniform over R + 1 classes) cannot commit "mined" triples
+    min_confidence: float = 0.05
 
     def __post_init__(self):
         if self.round is not None and self.round < 0:
             raise ValueError(f"mining.round must be >= 0 or null, got {self.round}")
+        if not 0.0 < self.min_confidence <= 1.0:
+            raise ValueError(f"mining.min_confidence must be in (0, 1], got {self.min_confidence}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,9 @@ def run_round(store: KGStore, version: KGVersion, candidates: Sequence[PairCandi
     else:
         thresholds = np.full(num_relations, np.nan)
         keep = top_k_per_relation(relations, confidences, cfg.thresholds.top_k)
+    below = keep & (confidences < cfg.min_confidence)
+    keep &= ~below
+    counts["dropped_below_min_confidence"] = int(below.sum())
     kept, num_known, num_dup = dedupe(candidates, relations, confidences, keep, known)
     counts.update(accepted=int(keep.sum()), dropped_known=num_known, dropped_duplicate=num_dup, new=len(kept))
 
@@ -200,6 +208,8 @@ def summary(result: RoundResult, top: int = 10) -> str:
              "per source: " + (", ".join(f"{k} {v}" for k, v in sorted(result.per_source.items())) or "none"),
              "per relation: " + (", ".join(f"{k} {v}" for k, v in list(result.per_relation.items())[:top]) or "none")
              + (f" (+{len(result.per_relation) - top} more)" if len(result.per_relation) > top else "")]
+    if c.get("dropped_below_min_confidence"):
+        lines.append(f"below min_confidence (never committed): {c['dropped_below_min_confidence']}")
     finite = np.isfinite(result.thresholds)
     if not np.isnan(result.thresholds).all():
         lines.append(f"thresholds: {int(finite.sum())} of {len(finite)} relations can accept (the rest reach the "

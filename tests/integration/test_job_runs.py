@@ -121,16 +121,14 @@ def test_zero_epochs_is_rejected(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_commits_no_triple_below_min_confidence(tmp_path):
+def test_demo_mines_nothing_itself_and_exports_for_the_mining_job(tmp_path):
+    # the demo used to commit top-k tails of the *test* queries; mining is jobs/mine.py's (issue 12), whose
+    # floor under every threshold is tests/unit/test_mining.py::test_no_round_commits_below_min_confidence
     run_dir = tmp_path / "run"
-    result = run("kg_demo.py", "train.epochs=1", f"run_dir={run_dir}", "min_confidence=0.9")
+    result = run("kg_demo.py", "train.epochs=1", f"run_dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "nothing reached min_confidence 0.9: no KG version committed" in result.stdout
     assert KGStore(Storage(str(run_dir / "kg"))).head == 0
-    trained = run("kg_demo.py", "train.epochs=8", f"run_dir={run_dir}", "min_confidence=0.03", "num_mined=5")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    mined = KGStore(Storage(str(run_dir / "kg"))).read(1).mined
-    assert 0 < len(mined) <= 5 and all(m.provenance.confidence >= 0.03 for m in mined)
+    assert (run_dir / "export" / "model.json").exists() and "jobs/mine.py" in result.stdout
 
 
 # ---- 4. Ctrl-C: stop cleanly, resume ---------------------------------------------------------------------

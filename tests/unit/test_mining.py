@@ -227,6 +227,19 @@ def test_mismatched_snapshot_and_relations_are_refused(tmp_path):
         run_round(store, store.read(0), PAIRS, fixed_scorer, MiningConfig(), lm_snapshot_id="l", kg_snapshot_id="k")
 
 
+def test_no_round_commits_below_min_confidence(tmp_path):
+    store = make_store(tmp_path / "kg")
+    uniform = lambda cands: np.full((len(cands), len(RELATIONS) + 1), 1 / 3)  # an untrained extractor  # noqa: E731
+    for thresholds in (ThresholdConfig(mode="top_k", top_k=5), ThresholdConfig(target_precision=0.1)):
+        res = run_round(store, store.read(), PAIRS, uniform, MiningConfig(thresholds=thresholds, min_confidence=0.5),
+                        lm_snapshot_id="l", kg_snapshot_id="k")
+        assert res.version is None and store.head == 0 and res.counts["new"] == 0
+        assert res.counts["dropped_below_min_confidence"] > 0
+        assert "below min_confidence (never committed)" in summary(res)
+    with pytest.raises(ValueError, match="mining.min_confidence"):
+        MiningConfig(min_confidence=0.0)
+
+
 def test_empty_round_commits_nothing(tmp_path):
     store = make_store(tmp_path / "kg")
     res = run_round(store, store.read(), [], fixed_scorer, MiningConfig(), lm_snapshot_id="l", kg_snapshot_id="k")
