@@ -233,7 +233,11 @@ class KGETrainer(_RowServer):
         return refs
 
     def apply_sync(self) -> None:
-        ray.get(self.apply())
+        refs = self.apply()
+        # every push has landed or failed before an error reaches the driver, which then restores the shards:
+        # a push still in flight could land after the restore
+        ray.wait(refs, num_returns=len(refs))
+        ray.get(refs)
 
     def run_epoch(self) -> dict:
         """Async mode: the whole local epoch with at most ``staleness`` steps' pushes in flight."""
@@ -467,7 +471,11 @@ class ShardedKGE:
         ray.get([t.begin_epoch.remote() for t in self.trainers])
         active, losses = list(self.trainers), []
         while active:
-            results = ray.get([t.compute.remote() for t in active])  # all compute on the same state
+            refs = [t.compute.remote() for t in active]  # all compute on the same state
+            # all of them finish (or fail) before a failure is handled: a compute still running on a threaded
+            # trainer would otherwise draw negatives and count a step after the driver restored it
+            ray.wait(refs, num_returns=len(refs))
+            results = ray.get(refs)
             active = [t for t, loss in zip(active, results) if loss is not None]
             losses += [loss for loss in results if loss is not None]
             for trainer in active:  # then the updates land, in trainer order
