@@ -35,9 +35,15 @@ thresholds; test is read only in ``bench/mining_eval.py`` to report. ``best_vari
 higher precision@1,000 (a reporting choice: both variants are in ``details.variants``). ``metrics`` holds
 the issue's names for the best variant, ``precision_at_1000_text_only`` the text variant's.
 
-    python bench/mining.py                                     # defaults sized for 2 CPU cores (see README of args)
-    python bench/mining.py --quick --allow-dirty --out /tmp/mining_smoke     # a ~3-minute smoke run
+    python bench/mining.py                                                  # the measurement, 2 CPU cores
+    python bench/mining.py --quick --allow-dirty --out /tmp/mining_smoke    # smoke run: every step, tiny budgets
     python bench/mining.py --device cuda --actor-gpus 0.5 --max-train-pairs 100000 --extractor-epochs 2
+
+Durations on 2 CPU cores, estimated from the smoke run (2026-12-03; 4.5 min at load ~5, teacher 7 s an
+epoch): teacher 30 epochs ~4 min (once: cached); per variant ~10 min of extractor training (12,000 pairs
+sampled: ~2,300 related + as many unrelated, ~8 rows/s), ~5 min (text) to ~8 min (fused: a row per pair)
+for the 20,000-candidate round and ~2 min of throughput runs; reverse distillation ~7 min (3 seeds x 2 arms
+x 5 epochs, full test evaluations): ~50 min in all on idle cores. ``--quick``: ~3-5 min.
 """
 
 from __future__ import annotations
