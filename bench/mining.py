@@ -42,8 +42,9 @@ the issue's names for the best variant, ``precision_at_1000_text_only`` the text
 Durations on 2 CPU cores, estimated from the smoke run (2026-12-03; 4.5 min at load ~5, teacher 7 s an
 epoch): teacher 30 epochs ~4 min (once: cached); per variant ~10 min of extractor training (12,000 pairs
 sampled: ~2,300 related + as many unrelated, ~8 rows/s), ~5 min (text) to ~8 min (fused: a row per pair)
-for the 20,000-candidate round and ~2 min of throughput runs; reverse distillation ~7 min (3 seeds x 2 arms
-x 5 epochs, full test evaluations): ~50 min in all on idle cores. ``--quick``: ~3-5 min.
+for the 20,000-candidate round and ~2 min of throughput runs; reverse distillation ~10 min (3 seeds x 2 arms
+x 5 epochs; a batch holding a mined triple pulls every relation row for the KD term, ~4x the epoch time of
+the gold-only arm in the smoke run): ~55 min in all on idle cores. ``--quick``: ~3-5 min.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DATA_DIR, add_common_args, start_run  # noqa: E402
-from bench.mining_eval import as_set, kg_only_baseline, precision_report, reverse_distillation  # noqa: E402
+from bench.mining_eval import as_set, kg_only_baseline, mined_arrays, precision_report, reverse_distillation  # noqa: E402
 from bikd.config import from_dict  # noqa: E402
 from bikd.kg.datasets import load_dataset, load_text  # noqa: E402
 from bikd.kg.store import KGVersion  # noqa: E402
@@ -81,7 +82,7 @@ from bikd.lm.extractor import (ExtractorConfig, build_extractor, calibrate_tempe
 from bikd.lm.kg_teacher import KGTable  # noqa: E402
 from bikd.lm.train import build_linker  # noqa: E402
 from bikd.mining.candidates import CandidateConfig, generate, mentioned_entities  # noqa: E402
-from bikd.mining.round import MiningConfig, decide, kg_snapshot_id, known_triples, run_round, summary  # noqa: E402
+from bikd.mining.round import MiningConfig, kg_snapshot_id, known_triples, run_round, summary  # noqa: E402
 from bikd.mining.thresholds import ThresholdConfig  # noqa: E402
 from bikd.storage import Storage  # noqa: E402
 
@@ -196,26 +197,6 @@ def scorer_for(variant: dict, kg_export: str, num_actors: int, args):
     factory = extractor_factory(variant["dir"], batch_size=args.score_batch,
                                 kg_export=kg_export if variant["manifest"]["requires_kg_table"] else None)
     return ActorScorer(factory, ScoringConfig(num_actors=num_actors, num_gpus=args.actor_gpus), version=0)
-
-
-def mined_arrays(result, candidates, probs: np.ndarray, kg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The round's mined triples as ids (n, 3), confidences (n,) and the LM's distribution over the R
-    relations (n, R), renormalised without "no relation", of the candidate each came from."""
-    R = kg.num_relations
-    relations, confidences = decide(candidates, probs, R)
-    where: dict[tuple, list[int]] = {}
-    for i, c in enumerate(candidates):
-        where.setdefault((c.h, int(relations[i]), c.t, c.doc_id), []).append(i)
-    e2i, r2i = kg.entities.to_id, kg.relations.to_id
-    rows = []
-    for m in result.mined:
-        key = (e2i[m.head], r2i[m.relation], e2i[m.tail], m.provenance.document)
-        rows.append(max(where[key], key=lambda j: confidences[j]))
-    rows = np.asarray(rows, np.int64)
-    triples = np.asarray([(candidates[i].h, int(relations[i]), candidates[i].t) for i in rows], np.int64).reshape(-1, 3)
-    dist = np.asarray(probs, np.float64)[rows, :R].reshape(-1, R)
-    dist /= np.maximum(dist.sum(1, keepdims=True), 1e-12)
-    return triples, confidences[rows], dist
 
 
 def threshold_config(args) -> ThresholdConfig:

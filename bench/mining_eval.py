@@ -22,6 +22,7 @@ from bikd.kg.triples import KGSplits
 from bikd.kge.losses import ReverseKDConfig
 from bikd.kge.training import KGETrainConfig, LocalTrainer
 from bikd.mining.candidates import CandidateConfig, TailScorer, kg_proposals
+from bikd.mining.round import decide
 from bikd.mining.thresholds import ThresholdConfig, above_thresholds, calibrate, top_k_per_relation
 
 KS = (100, 1_000, 10_000)
@@ -40,6 +41,26 @@ def precision_at(hits: np.ndarray, k: int) -> float:
     """Share of test triples among the first ``min(k, n)`` ranked ones (NaN when none was ranked): when fewer
     than k triples were mined, the precision of all of them (``num_ranked`` says how many)."""
     return float(hits[:k].mean()) if len(hits) else float("nan")
+
+
+def mined_arrays(result, candidates, probs: np.ndarray, kg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The round's mined triples as ids (n, 3), confidences (n,) and the LM's distribution over the R
+    relations (n, R), renormalised without "no relation", of the candidate each came from."""
+    R = kg.num_relations
+    relations, confidences = decide(candidates, probs, R)
+    where: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        where.setdefault((c.h, int(relations[i]), c.t, c.doc_id), []).append(i)
+    e2i, r2i = kg.entities.to_id, kg.relations.to_id
+    rows = []
+    for m in result.mined:
+        key = (e2i[m.head], r2i[m.relation], e2i[m.tail], m.provenance.document)
+        rows.append(max(where[key], key=lambda j: confidences[j]))
+    rows = np.asarray(rows, np.int64)
+    triples = np.asarray([(candidates[i].h, int(relations[i]), candidates[i].t) for i in rows], np.int64).reshape(-1, 3)
+    dist = np.asarray(probs, np.float64)[rows, :R].reshape(-1, R)
+    dist /= np.maximum(dist.sum(1, keepdims=True), 1e-12)
+    return triples, confidences[rows], dist
 
 
 def precision_report(triples: np.ndarray, confidences: np.ndarray, relation_labels: Sequence[str],
