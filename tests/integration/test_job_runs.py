@@ -164,8 +164,10 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path, backend):
     resumed = run("kge_train.py", *overrides[:1], "train.epochs=" + str(done + 2), *overrides[2:], config="kge_umls.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from " in resumed.stdout
-    epochs = [line for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == 2 - int(progress["mid_epoch"])  # only what was left (a partial epoch counts as begun)
+    assert ("(mid-epoch)" in resumed.stdout) == progress["mid_epoch"]
+    # only what was left: a partial epoch (the signal landed inside epoch done + 1) is finished, not redone
+    epochs = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs == [str(done + 1), str(done + 2)], resumed.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == list(range(1, done + 3))  # the whole history
     assert metrics["resumed_from_epoch"] == done

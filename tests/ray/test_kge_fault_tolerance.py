@@ -122,14 +122,15 @@ def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations, kill):
 
 
 def test_killed_shard_async_run_completes_with_same_quality(ray_local):
-    """Async runs are not reproducible (push interleaving), so quality is compared, not bits. Undisturbed
-    runs of this short setup differed by 0.006 to 0.03 MRR when measured here (still climbing steeply after
-    4 epochs), so the bound is 0.05; the 0.005 criterion itself is met exactly (difference 0) by the
-    sync-mode test above, where a killed run is bit-identical to an undisturbed one."""
+    """Async runs are not reproducible (push interleaving), so quality is compared, not bits. After 4 epochs
+    this setup is still climbing steeply and CI saw a 0.053 gap under load; after 8 to 12 epochs it is near
+    its plateau (measured here: undisturbed 0.410 to 0.437, killed 0.420 to 0.454, 4 runs each), so 10 epochs
+    and a 0.05 bound. The 0.005 criterion itself is met exactly (difference 0) by the sync-mode test above,
+    where a killed run is bit-identical to an undisturbed one."""
     umls = load_dataset("umls")
     dist = DistConfig(num_parts=2, mode="async", staleness=1)
-    _, clean_mrr, _ = train(umls, dist, epochs=4)
-    _, hit_mrr, recoveries = train(umls, dist, epochs=4, kill_epoch=1)
+    _, clean_mrr, _ = train(umls, dist, epochs=10)
+    _, hit_mrr, recoveries = train(umls, dist, epochs=10, kill_epoch=1)
     assert recoveries == 1
     assert hit_mrr > 0.3  # an untrained model scores about 0.05
     assert abs(hit_mrr - clean_mrr) <= 0.05, (clean_mrr, hit_mrr)
