@@ -83,6 +83,7 @@ from bikd.lm.extractor import (ExtractorConfig, build_extractor, calibrate_tempe
 from bikd.lm.kg_teacher import KGTable  # noqa: E402
 from bikd.lm.train import build_linker  # noqa: E402
 from bikd.mining.candidates import CandidateConfig, generate, mentioned_entities  # noqa: E402
+from bikd.mining.inputs import calibration_split  # noqa: E402
 from bikd.mining.round import MiningConfig, kg_snapshot_id, known_triples, run_round, summary  # noqa: E402
 from bikd.mining.thresholds import ThresholdConfig  # noqa: E402
 from bikd.storage import Storage  # noqa: E402
@@ -145,22 +146,6 @@ def load_passages(kg, text, args) -> tuple[list, dict]:
         passages = [passages[i] for i in keep]
     counts["used"] = len(passages)
     return passages, counts
-
-
-def split_pairs(pairs, kg, num_calib: int, seed: int):
-    """Labels from train for every pair; a seeded sample of the pairs train relates to nothing is held out
-    (``num_calib``) and labelled from valid for the temperature; the other pairs train."""
-    R = kg.num_relations
-    labels = corpus.distant_labels(pairs, kg.train, R)
-    unrelated = torch.nonzero(labels[:, R] > 0).flatten().tolist()
-    held = set(random.Random(seed).sample(unrelated, min(num_calib, len(unrelated))))
-    calib = [pairs[i] for i in sorted(held)]
-    train_idx = [i for i in range(len(pairs)) if i not in held]
-    calib_labels = corpus.distant_labels(calib, kg.valid, R)
-    info = {"pairs": len(pairs), "train_pairs": len(train_idx),
-            "train_related": int((labels[train_idx, :R].sum(1) > 0).sum()),
-            "calib_pairs": len(calib), "calib_valid_related": int((calib_labels[:, :R].sum(1) > 0).sum())}
-    return [pairs[i] for i in train_idx], labels[train_idx], calib, calib_labels, info
 
 
 def train_variant(name: str, data, table: KGTable, out_dir: Path, args) -> dict:
@@ -312,7 +297,9 @@ def main() -> None:
     passages, passage_counts = load_passages(kg, text, args)
     pairs, skips = corpus.pair_candidates(passages, build_linker(kg, text),
                                           max_pairs_per_passage=args.max_pairs_per_passage)
-    train_pairs, train_labels, calib, calib_labels, pair_info = split_pairs(pairs, kg, args.calib_pairs, args.seed)
+    split = calibration_split(pairs, kg.train, kg.valid, kg.num_relations, args.calib_pairs, args.seed)
+    train_pairs, train_labels, calib, calib_labels, pair_info = (split.train_pairs, split.train_labels,
+                                                                 split.calib_pairs, split.calib_labels, split.counts)
     log(f"passages {passage_counts}, pairs {pair_info}")
     version = KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
                         {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())

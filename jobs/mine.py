@@ -30,10 +30,9 @@ from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
 from bikd.kg.store import KGStore, KGVersion
 from bikd.kge.export import load_embeddings
 from bikd.kge.models import KGEModel, ModelConfig, build_interaction
-from bikd.lm import corpus
 from bikd.lm.extractor_io import read_manifest
-from bikd.lm.linking import EntityLinker
 from bikd.mining.candidates import bound_recall, generate
+from bikd.mining.inputs import link_text
 from bikd.mining.round import MiningConfig, RoundResult, check_id_maps, kg_snapshot_id, known_triples, run_round, summary
 from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
 from bikd.storage import Storage
@@ -106,19 +105,17 @@ def mine(cfg: MineJobConfig, dry_run: bool) -> int:
     if manifest["num_relations"] != len(version.relations):
         raise ValueError(f"the extractor at {cfg.extractor} predicts {manifest['num_relations']} relations, the KG "
                          f"(store version {version.version}) has {len(version.relations)}")
+    labels = manifest.get("relation_labels")  # absent from extractors saved without them
+    if labels is not None and list(labels) != list(version.relations):
+        i = next(i for i, (a, b) in enumerate(zip(labels, version.relations)) if a != b)
+        raise ValueError(f"the extractor at {cfg.extractor} was trained on other relations than the KG's (store "
+                         f"version {version.version}): column {i} is {labels[i]!r}, the KG's relation {i} {version.relations[i]!r}")
     if manifest.get("requires_kg_table") and cfg.kg_export is None:
         raise ValueError(f"the extractor at {cfg.extractor} fuses KG embeddings: give it the KG snapshot (--set kg_export=URL)")
     model, kg_snap = (None, "none") if cfg.kg_export is None else load_kg_model(cfg.kg_export, version, cfg.store)
-    entity_to_id = {e: i for i, e in enumerate(version.entities)}
-    text = text_from_config(cfg.data)
-    passages = corpus.description_passages(text, entity_to_id) if cfg.descriptions else []
-    for url in cfg.corpus:
-        passages += corpus.read_corpus(url)
-    if not passages:
-        raise ValueError("the corpus is empty: no descriptions (data has no entity2text.txt) and no corpus files")
-    linker = (EntityLinker.from_kg_text(text, entity_to_id) if text.entities or text.wikidata else  # else UMLS-style labels
-              EntityLinker.build({i: [e.replace("_", " ")] for i, e in enumerate(version.entities)}))
-    pairs, skips = corpus.pair_candidates(passages, linker, max_pairs_per_passage=cfg.max_pairs_per_passage)
+    linked = link_text(version, text_from_config(cfg.data), cfg.corpus, descriptions=cfg.descriptions,
+                       max_pairs_per_passage=cfg.max_pairs_per_passage)  # linked as the extractor's training text
+    passages, pairs, skips = linked.passages, linked.pairs, linked.counts
     print("passages: " + ", ".join(f"{k} {v}" for k, v in skips.items()))
     n_e, n_r = len(version.entities), len(version.relations)
     cands = generate(pairs, passages, known_triples(version), None if model is None else model.score_t, n_e, n_r,

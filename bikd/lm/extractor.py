@@ -354,10 +354,10 @@ def calibrate_temperature(model, tokenizer, candidates, labels, **kwargs) -> flo
     return fn(model, tokenizer, candidates, labels, **kwargs)
 
 
-def save_extractor(model, tokenizer, target, *, extra=None) -> dict:
+def save_extractor(model, tokenizer, target, **kwargs) -> dict:
     """See :func:`bikd.lm.extractor_io.save_extractor`."""
     from bikd.lm.extractor_io import save_extractor as fn
-    return fn(model, tokenizer, target, extra=extra)
+    return fn(model, tokenizer, target, **kwargs)
 
 
 def load_extractor(source, **kwargs):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,14 @@ def _encoder_prefix(model: RelationExtractor) -> str:
 
 
 def save_extractor(model: RelationExtractor, tokenizer, target: str | Storage, *,
-                   extra: Mapping[str, Any] | None = None) -> dict:
+                   relation_labels: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
     """Write ``model`` and ``tokenizer`` to ``target`` (URL or Storage); the manifest is deleted first and
-    written last. ``extra``: JSON-able notes kept in the manifest (training history, data counts). Returns
-    the manifest (``snapshot_id``, ``requires_kg_table``, ``table``, ``sha256`` of every file, ...)."""
+    written last. ``relation_labels``: the KG relation of each output column (recorded, so that a miner
+    can check the extractor predicts *its* relations, not just as many). ``extra``: JSON-able notes kept
+    in the manifest (training history, data counts). Returns the manifest (``snapshot_id``,
+    ``requires_kg_table``, ``table``, ``relation_labels``, ``sha256`` of every file, ...)."""
+    if relation_labels is not None and len(relation_labels) != model.num_relations:
+        raise ValueError(f"{len(relation_labels)} relation labels for an extractor of {model.num_relations} relations")
     from safetensors.torch import save
 
     storage = target if isinstance(target, Storage) else Storage(target)
@@ -82,6 +86,7 @@ def save_extractor(model: RelationExtractor, tokenizer, target: str | Storage, *
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "snapshot_id": snapshot_id(model),
         "num_relations": model.num_relations,
+        "relation_labels": None if relation_labels is None else [str(r) for r in relation_labels],
         "fusion": model.fusion,
         "fusion_config": to_dict(dataclasses.replace(model.fusion_cfg, entity_dim=model.entity_dim)) if model.fusion else None,
         "head_dropout": float(model.head[0].p),

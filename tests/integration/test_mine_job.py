@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,47 @@ def test_bad_input_fails_before_any_work(setup):
     broken = run_mine(root, f"corpus=[{root / 'broken.jsonl'}]", dry_run=True)
     assert broken.returncode == 1 and "broken.jsonl:2" in broken.stderr
     assert not (root / "store_bad").exists()
+
+
+def run_job(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "jobs" / script)]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_extractor_job_then_mine_with_it(setup):
+    """The user's path: train an extractor on the KG's text (jobs/train_extractor.py), then mine with it."""
+    root, _ = setup
+    out = root / "trained_extractor"
+    common = (f"data.path={root / 'kg_data'}", f"corpus=[{root / 'news.jsonl'}]", "encoder.name_or_path=tiny",
+              "extractor.max_length=32", "extractor.epochs=2", "num_threads=1")
+    trained = run_job("train_extractor.py", *common, f"out={out}", "num_calib_pairs=2")
+    assert trained.returncode == 0, trained.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["relation_labels"] == ["capital_of", "located_in"]  # the loader's id order
+    counts = manifest["extra"]["counts"]
+    assert counts["passages_descriptions"] == 6 and counts["passages_corpus_files"] == 3
+    assert counts["calib_pairs"] >= 1 and counts["train_related"] >= 3  # rome-italy, berlin-germany, paris-france
+    assert f"extractor {manifest['snapshot_id']} exported to" in trained.stdout
+
+    again = run_job("train_extractor.py", *common, f"out={out}")
+    assert again.returncode == 1 and "already exported there" in again.stderr  # never overwritten
+    no_kg = run_job("train_extractor.py", *common, f"out={root / 'x'}", "extractor.fusion=true")
+    assert no_kg.returncode == 2 and "kg_export" in no_kg.stderr and not (root / "x").exists()
+
+    mined = run_mine(root, f"extractor={out}", f"store={root / 'store_trained'}", "mining.thresholds.mode=top_k",
+                     "mining.thresholds.top_k=2", "scoring.num_actors=1", dry_run=True)
+    assert mined.returncode == 0, mined.stderr
+    assert "dry run:" in mined.stdout
+
+    # an extractor whose columns are other relations (same count) is refused before any work
+    manifest["relation_labels"] = manifest["relation_labels"][::-1]
+    wrong = root / "wrong_labels"
+    shutil.copytree(out, wrong)
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    refused = run_mine(root, f"extractor={wrong}", dry_run=True)
+    assert refused.returncode == 1 and "trained on other relations" in refused.stderr

@@ -20,6 +20,9 @@ BUDGET = {
     "lm_train.py": ["encoder.name_or_path=tiny", "encoder.attn_implementation=eager", "fusion.layers=[1]",
                     "kg.train.epochs=1", "kd.num_sampled_candidates=8", "task.max_train=16", "task.max_eval=8",
                     "train.batch_size=4", "train.eval_batch_size=16", "train.steps=2", "train.log_every=1"],
+    "train_extractor.py": ["encoder.name_or_path=tiny", "extractor.max_length=32", "extractor.max_train_pairs=64",
+                           "num_calib_pairs=32"],
+    "mine.py": ["mining.candidates.max_candidates=200", "scoring.num_cpus=0.5"],
 }
 
 
@@ -42,7 +45,7 @@ def argv(command: str) -> list[str]:
 
 def test_the_readme_shows_every_job():
     jobs = {Path(argv(c)[1]).name for c in readme_commands()}
-    assert jobs == {"kg_demo.py", "kge_train.py", "lm_train.py"}, readme_commands()
+    assert jobs == {"kg_demo.py", "kge_train.py", "lm_train.py", "train_extractor.py", "mine.py"}, readme_commands()
 
 
 @pytest.mark.slow
@@ -64,4 +67,5 @@ def test_every_readme_command_runs_as_written(tmp_path, fb15k237_dir):
         result = subprocess.run(args, capture_output=True, text=True, cwd=project, env=env, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert sorted(p.name for p in (project / "runs").iterdir()) == [
-        "kg_demo", "kg_demo_nations", "kge_fb15k237_transe", "kge_umls", "kge_umls_local", "lm_umls", "lm_umls_z3"]
+        "extractor_fb15k237", "kg_demo", "kg_demo_nations", "kg_fb15k237", "kge_fb15k237_transe", "kge_umls",
+        "kge_umls_local", "lm_umls", "lm_umls_z3"]

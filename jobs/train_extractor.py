@@ -1,0 +1,120 @@
+"""Train the relation extractor that jobs/mine.py runs: distant supervision on linked entity pairs in text.
+
+    python jobs/train_extractor.py --set out=runs/extractor [--set data.dataset=umls --set corpus=[notes.txt]]
+        [--set extractor.fusion=true --set kg_export=runs/kg_demo/export] [--set encoder.name_or_path=tiny]
+
+Passages: the entity descriptions of ``data`` and every file in ``corpus`` (plain text or JSONL), linked as
+jobs/mine.py links them (bikd.mining.inputs). Every linked pair is labelled with the relations the KG's
+**train** split holds between them, "no relation" otherwise; ``num_calib_pairs`` of the unrelated pairs are held
+out, labelled from **valid**, and fit the softmax temperature. ``store``/``kg_version``: take the KG from a
+KG store version instead (its train split; mined triples are not labels). ``kg_export``: the KG snapshot fused
+at the mentions (``extractor.fusion``) and/or the KD teacher (``extractor.teacher_weight``). The extractor
+is exported to ``out`` (manifest last; an existing extractor there is refused, never overwritten).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bikd.cli import job_parser, parse_job_config, run_main, set_num_threads
+from bikd.config import dump_yaml, to_dict
+from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
+from bikd.kg.store import KGStore, KGVersion
+from bikd.kge.export import load_embeddings
+from bikd.lm.encoder import EncoderConfig
+from bikd.lm.extractor import ExtractorConfig, build_extractor, calibrate_temperature, save_extractor, train_extractor
+from bikd.lm.extractor_io import MANIFEST
+from bikd.lm.kg_teacher import KGTable
+from bikd.mining.inputs import calibration_split, link_text, split_tensor
+from bikd.mining.round import check_id_maps, kg_snapshot_id
+from bikd.storage import Storage
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExtractorJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    store: str | None = None
+    kg_version: int | None = None
+    kg_export: str | None = None
+    corpus: tuple[str, ...] = ()
+    descriptions: bool = True
+    max_pairs_per_passage: int | None = 20
+    num_calib_pairs: int = 2000
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    out: str = ""
+    #: "auto": the GPU when there is one
+    device: str = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("out is required: where the extractor is exported (--set out=URL)")
+        if (self.extractor.fusion or self.extractor.teacher_weight > 0) and self.kg_export is None:
+            raise ValueError("extractor.fusion and extractor.teacher_weight need the KG snapshot: --set kg_export=URL")
+        if self.num_calib_pairs < 1:
+            raise ValueError(f"num_calib_pairs must be >= 1, got {self.num_calib_pairs}")
+        if self.max_pairs_per_passage is not None and self.max_pairs_per_passage < 1:
+            raise ValueError(f"max_pairs_per_passage must be >= 1 or null, got {self.max_pairs_per_passage}")
+
+
+def read_version(cfg: ExtractorJobConfig) -> KGVersion:
+    if cfg.store is not None:
+        return KGStore(Storage(cfg.store)).read(cfg.kg_version)
+    kg = load_from_config(cfg.data)
+    return KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
+                     {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
+
+
+def train(cfg: ExtractorJobConfig) -> int:
+    print(dump_yaml(cfg))
+    print(f"torch threads: {set_num_threads(cfg.num_threads)}")
+    out = Storage(cfg.out)
+    if out.exists(MANIFEST):
+        raise ValueError(f"{out.url_of(MANIFEST)}: an extractor is already exported there; choose another out")
+    version = read_version(cfg)
+    table, kg_snap = None, None
+    if cfg.kg_export is not None:
+        _, _, entities, relations, meta = load_embeddings(Storage(cfg.kg_export))
+        kg_snap = kg_snapshot_id(meta)
+        check_id_maps(entities, relations, kg_snap, version, cfg.store or cfg.data.name)
+        table = KGTable.from_export(Storage(cfg.kg_export))
+    linked = link_text(version, text_from_config(cfg.data), cfg.corpus, descriptions=cfg.descriptions,
+                       max_pairs_per_passage=cfg.max_pairs_per_passage)
+    print("passages: " + ", ".join(f"{k} {v}" for k, v in linked.counts.items()))
+    R = len(version.relations)
+    split = calibration_split(linked.pairs, split_tensor(version, "train"), split_tensor(version, "valid"), R,
+                              cfg.num_calib_pairs, cfg.extractor.seed)
+    print("pairs: " + ", ".join(f"{k} {v}" for k, v in split.counts.items()), flush=True)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, tokenizer = build_extractor(cfg.extractor, R, encoder_cfg=cfg.encoder,
+                                       table=table.to(device) if cfg.extractor.fusion else None)
+    model.to(device)
+    history = train_extractor(model, tokenizer, split.train_pairs, split.train_labels, cfg.extractor,
+                              teacher=None if table is None else table.to(device))
+    print(f"trained: {history['num_steps']} steps over {history['num_pairs']} pairs ({history['num_positive']} "
+          f"related) in {history['seconds']:.0f} s, loss per epoch {[round(x, 4) for x in history['epoch_loss']]}")
+    if split.calib_pairs:
+        temperature = calibrate_temperature(model, tokenizer, split.calib_pairs, split.calib_labels)
+        print(f"temperature {temperature:.3f} (fitted on {len(split.calib_pairs)} pairs labelled from valid)")
+    else:
+        print("temperature 1: fewer than 2 unrelated pairs, none held out to fit it on")
+    extra = {"kg_version": version.version, "kg_snapshot_id": kg_snap, "counts": {**linked.counts, **split.counts},
+             "history": {k: v for k, v in history.items() if k not in ("loss", "kd_loss")},
+             "encoder": to_dict(cfg.encoder), "extractor": to_dict(cfg.extractor)}
+    manifest = save_extractor(model.cpu(), tokenizer, out, relation_labels=version.relations, extra=extra)
+    print(f"extractor {manifest['snapshot_id']} exported to {out.url}; mine with: python jobs/mine.py "
+          f"--set extractor={cfg.out} ...")
+    return 0
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    args, cfg = parse_job_config(parser, ExtractorJobConfig)
+    run_main(lambda: train(cfg), args.debug)
+
+
+if __name__ == "__main__":
+    main()
