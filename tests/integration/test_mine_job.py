@@ -54,17 +54,19 @@ def setup(tmp_path_factory):
     return root, manifest["snapshot_id"]
 
 
-def run_mine(root: Path, *overrides: str, dry_run: bool = False) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(REPO / "jobs" / "mine.py"), "--set", f"data.path={root / 'kg_data'}",
-            "--set", f"store={root / 'store'}", "--set", f"extractor={root / 'extractor'}",
-            "--set", f"corpus=[{root / 'news.jsonl'}]", "--set", "scoring.num_cpus=0.5", "--set", "num_threads=1"]
+def run_job(script: str, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "jobs" / script), *flags]
     for o in overrides:
         args += ["--set", o]
-    if dry_run:
-        args.append("--dry-run")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def run_mine(root: Path, *overrides: str, dry_run: bool = False) -> subprocess.CompletedProcess:
+    return run_job("mine.py", f"data.path={root / 'kg_data'}", f"store={root / 'store'}", f"extractor={root / 'extractor'}",
+                   f"corpus=[{root / 'news.jsonl'}]", "scoring.num_cpus=0.5", "num_threads=1", *overrides,
+                   flags=("--dry-run",) if dry_run else ())
 
 
 @pytest.mark.slow
@@ -106,14 +108,6 @@ def test_bad_input_fails_before_any_work(setup):
     assert broken.returncode == 1 and "broken.jsonl:2" in broken.stderr
     assert not (root / "store_bad").exists()
 
-
-def run_job(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(REPO / "jobs" / script)]
-    for o in overrides:
-        args += ["--set", o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
 @pytest.mark.slow
