@@ -33,7 +33,7 @@ from bikd.kge.export import ExportError
 from bikd.kge.models import ModelConfig
 from bikd.kge.training import KGETrainConfig, LocalTrainer
 from bikd.lm import squad, triple_cls
-from bikd.lm.encoder import EncoderConfig, load_encoder, load_tokenizer, tiny_bert
+from bikd.lm.encoder import TINY as ENCODER_TINY, EncoderConfig, load_encoder
 from bikd.lm.kg_teacher import KGTable
 from bikd.lm.linking import EntityLinker
 from bikd.lm.model import FusedLM, LMConfig
@@ -44,7 +44,7 @@ __all__ = ["TINY", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm
            "export_fused", "load_fused", "load_fused_tokenizer", "default_squad_path"]
 
 #: ``encoder.name_or_path`` of the small random BERT of :func:`bikd.lm.encoder.tiny_bert` (tests, smoke runs)
-TINY = "tiny"
+TINY = ENCODER_TINY  # kept for callers that import it from here
 MANIFEST, FORMAT, FORMAT_VERSION = "manifest.json", "bikd-fused-lm", 1
 
 
@@ -101,17 +101,15 @@ def default_squad_path() -> str:
 
 def encoder_num_layers(cfg: EncoderConfig) -> int:
     """Layers of the configured encoder, read from its config only (to validate fusion.layers early)."""
-    if cfg.name_or_path == TINY:
-        return tiny_bert().config.num_hidden_layers
+    if cfg.is_tiny:
+        return cfg.tiny_num_layers
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(cfg.resolved_path(), local_files_only=cfg.local_files_only).num_hidden_layers
 
 
 def build_lm(cfg: LMConfig, table: KGTable | None) -> tuple[FusedLM, Any]:
-    """``(FusedLM, tokenizer)``; ``encoder.name_or_path == "tiny"`` gives :func:`tiny_bert` with MiniLM's tokenizer."""
-    if cfg.encoder.name_or_path == TINY:
-        encoder = tiny_bert(attn_implementation=cfg.encoder.attn_implementation)
-        return FusedLM(cfg, encoder, table), load_tokenizer(EncoderConfig())
+    """``(FusedLM, tokenizer)``; ``encoder.name_or_path == "tiny"`` gives :func:`tiny_bert` of the ``encoder.tiny_*``
+    fields with MiniLM's tokenizer."""
     encoder, tokenizer = load_encoder(cfg.encoder)
     return FusedLM(cfg, encoder, table), tokenizer
 

@@ -17,7 +17,7 @@ from bikd.lm.kg_teacher import KGTable
 from bikd.lm.model import LMConfig
 from bikd.lm.squad import SquadFeaturesConfig
 from bikd.lm.train import (MANIFEST, TINY, KGTableConfig, TaskConfig, build_linker, build_lm,
-                           build_task_data, evaluate_task, export_fused, load_fused, load_fused_tokenizer,
+                           build_task_data, encoder_num_layers, evaluate_task, export_fused, load_fused, load_fused_tokenizer,
                            load_kg_table, shard, state_digest)
 from bikd.lm.encoder import EncoderConfig, load_tokenizer
 from bikd.kge.models import ModelConfig
@@ -170,3 +170,12 @@ def test_squad_holdout_never_reads_the_eval_articles(umls, tmp_path):
     assert len(article(evaluation)) == 2 and len(article(held)) == 1
     assert not article(held) & article(evaluation)  # held-out questions come from fine-tune articles
     assert len(fit.features) == len(train.features) // 2  # and leave training with the other one
+
+
+def test_build_lm_honours_the_tiny_encoder_fields(table):
+    # lm_train used to build the default tiny BERT whatever encoder.tiny_* said (a silently ignored option)
+    encoder = EncoderConfig(name_or_path=TINY, tiny_hidden_size=48, tiny_num_layers=3, tiny_num_heads=4)
+    cfg = LMConfig(task="triple_cls", encoder=encoder, fusion=FusionConfig(layers=(2,)), kd=KDConfig(num_sampled_candidates=8))
+    lm, _ = build_lm(cfg, table)
+    assert encoder_num_layers(encoder) == 3 and len(lm.fused.encoder.encoder.layer) == 3
+    assert lm.fused.encoder.config.hidden_size == 48
