@@ -500,7 +500,7 @@ class ShardedKGE:
             relation_labels = relation_labels or [str(i) for i in range(self.num_relations)]
             export_embeddings(storage, snapshot.entity, snapshot.relation, entity_labels, relation_labels,
                               self.cfg.model, prefix=f"snapshots/v{snapshot.version:06d}",
-                              extra={"snapshot_version": snapshot.version, "epoch": self.epoch})
+                              extra={"version": snapshot.version, "epoch": self.epoch})  # KGTable.from_export's key
         return snapshot, ray.put(snapshot)
 
     def interaction_shape(self, kind: str) -> tuple[int]:

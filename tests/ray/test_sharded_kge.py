@@ -83,5 +83,22 @@ def test_publish_snapshot_as_ref_and_files(ray_local, nations, tmp_path):
     assert torch.equal(ray.get(ref).entity, snap.entity)
     entity, relation, entity_labels, _, meta = load_embeddings(storage, "snapshots/v000001")
     assert torch.equal(torch.from_numpy(entity), snap.entity) and torch.equal(torch.from_numpy(relation), snap.relation)
-    assert entity_labels == list(nations.entities.labels) and meta["extra"]["snapshot_version"] == 1
+    assert entity_labels == list(nations.entities.labels) and meta["extra"]["version"] == 1
     assert not torch.equal(later.entity, snap.entity)  # the stored v1 stays as it was
+
+    # what the LM side does with a published snapshot: load it and swap it in; its version must survive
+    # (the export once recorded "snapshot_version" while KGTable read "version": every snapshot loaded as 0)
+    from bikd.lm.encoder import EncoderConfig
+    from bikd.lm.fusion import FusionConfig
+    from bikd.lm.kd import KDConfig
+    from bikd.lm.kg_teacher import KGTable
+    from bikd.lm.model import LMConfig
+    from bikd.lm.train import build_lm
+
+    first, second = KGTable.from_export(storage, "snapshots/v000001"), KGTable.from_export(storage, "snapshots/v000002")
+    assert (first.version, second.version) == (1, 2)
+    lm, _ = build_lm(LMConfig(task="triple_cls", encoder=EncoderConfig(name_or_path="tiny"), fusion=FusionConfig(layers=(1,)),
+                              kd=KDConfig(num_sampled_candidates=8)), first)
+    assert lm.table_version == 1
+    lm.set_kg_table(second)
+    assert lm.table_version == 2 and torch.equal(lm.table.entity, later.entity)
