@@ -26,7 +26,6 @@ mixed data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import re
@@ -36,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from bikd.manifest import read_listed, sha256_hex, write_manifested
 from bikd.storage import Storage
 
 FORMAT = 1
@@ -173,10 +173,6 @@ def _parse_jsonl(data: bytes) -> list[Any]:
     return json.loads("[" + text.replace("\n", ",") + "]") if text else []
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _check_labels(labels: Sequence[str], what: str) -> tuple[str, ...]:
     out = tuple(labels)
     seen: set[str] = set()
@@ -309,15 +305,13 @@ class KGStore:
     def _write_version(self, version: int, *, base: int | None, parent: int | None, kind: str, message: str,
                        files: dict[str, bytes], counts: dict[str, int], extra: dict[str, Any] | None = None) -> int:
         vdir = f"versions/{version:06d}"
-        for name, data in files.items():
-            self.storage.write_bytes(f"{vdir}/{name}", data)
         manifest = {
             "format": FORMAT, "version": version, "base": base, "parent": parent, "kind": kind,
             "message": message, "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "counts": counts, "files": {name: _sha256(data) for name, data in files.items()}, **(extra or {}),
+            "counts": counts, "files": {name: sha256_hex(data) for name, data in files.items()}, **(extra or {}),
         }
-        self.storage.write_bytes(f"manifests/{version:06d}.json",
-                                 json.dumps(manifest, indent=1).encode("ascii"), exclusive=True)
+        write_manifested(self.storage, {f"{vdir}/{name}": data for name, data in files.items()},
+                         f"manifests/{version:06d}.json", json.dumps(manifest, indent=1).encode("ascii"), exclusive=True)
         return version
 
     def _manifests(self) -> dict[int, dict[str, Any]]:
@@ -345,12 +339,8 @@ class KGStore:
         expected = manifest["files"].get(name)
         if expected is None:
             raise IntegrityError(f"manifest of version {manifest['version']} lists no file {name!r}")
-        data = self.storage.read_bytes(rel)
-        actual = _sha256(data)
-        if actual != expected:
-            raise IntegrityError(
-                f"{self.storage.url_of(rel)}: sha256 mismatch (manifest {expected}, file {actual}); "
-                "the file is corrupted or was overwritten")
+        data = read_listed(self.storage, rel, expected, error=IntegrityError,
+                           listed_in=self.storage.url_of(f"manifests/{manifest['version']:06d}.json"))
         return _parse_jsonl(data)
 
     def _label_sets(self) -> tuple[set[str], set[str]]:

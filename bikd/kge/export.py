@@ -19,7 +19,6 @@ checksums in it tie it to exactly the data files written with it. ``load_embeddi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from bikd.kge.models import ModelConfig, build_interaction
+from bikd.manifest import check_listed, sha256_hex, write_manifested
 from bikd.storage import Storage
 
 __all__ = ["ENTITY_FILE", "RELATION_FILE", "ENTITY_LABELS_FILE", "RELATION_LABELS_FILE", "META_FILE",
@@ -126,14 +126,12 @@ def export_embeddings(
         "dtype": "float32",
         "files": {"entity": ENTITY_FILE, "relation": RELATION_FILE,
                   "entity_labels": ENTITY_LABELS_FILE, "relation_labels": RELATION_LABELS_FILE},
-        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        "sha256": {name: sha256_hex(data) for name, data in files.items()},
         "extra": dict(extra or {}),
     }
     meta_bytes = json.dumps(meta, indent=2).encode("utf-8")  # serialise before writing: bad `extra` fails early
-    storage.delete(_join(prefix, META_FILE))  # a re-export is incomplete until its own model.json lands
-    for name, data in files.items():
-        storage.write_bytes(_join(prefix, name), data)
-    storage.write_bytes(_join(prefix, META_FILE), meta_bytes)
+    write_manifested(storage, {_join(prefix, name): data for name, data in files.items()}, _join(prefix, META_FILE),
+                     meta_bytes)
     return meta
 
 
@@ -204,7 +202,6 @@ def load_embeddings(storage: Storage, prefix: str = "") -> tuple[np.ndarray, np.
             raise ExportError(f"{url}: shape {list(table.shape)} ({len(labels)} labels), but {meta_url} says "
                               f"{meta[f'{kind}_shape']} ({count} labels)")
     for rel, data in raw.items():  # shapes first (the clearer message), then the files' identity
-        if hashlib.sha256(data).hexdigest() != meta["sha256"].get(rel.rsplit("/", 1)[-1]):
-            raise ExportError(f"{storage.url_of(rel)}: contents differ from the checksum in {meta_url} "
-                              f"(overwritten by another export, or corrupted)")
+        check_listed(data, meta["sha256"].get(rel.rsplit("/", 1)[-1]), storage.url_of(rel), listed_in=meta_url,
+                     error=ExportError)
     return out["entity"], out["relation"], out["entity_labels"], out["relation_labels"], meta

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -28,6 +27,7 @@ from bikd.kge.export import ExportError
 from bikd.lm.extractor import RelationExtractor
 from bikd.lm.fusion import FusionConfig
 from bikd.lm.kg_teacher import KGTable
+from bikd.manifest import read_listed, sha256_hex, write_manifested
 from bikd.storage import Storage
 
 __all__ = ["FORMAT", "snapshot_id", "save_extractor", "load_extractor", "read_manifest"]
@@ -97,14 +97,11 @@ def save_extractor(model: RelationExtractor, tokenizer, target: str | Storage, *
         "table": None if table is None or not model.fusion else {
             "version": table.version, "num_entities": table.num_entities, "num_relations": table.num_relations,
             "entity_dim": table.entity_dim, "interaction": table.interaction},
-        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        "sha256": {name: sha256_hex(data) for name, data in files.items()},
         "extra": dict(extra or {}),
     }
     text = json.dumps(manifest, indent=2)  # before any write: a non-JSON `extra` fails here
-    storage.delete(MANIFEST)
-    for name, data in files.items():
-        storage.write_bytes(name, data)
-    storage.write_text(MANIFEST, text)
+    write_manifested(storage, files, MANIFEST, text.encode("utf-8"))
     return manifest
 
 
@@ -133,12 +130,7 @@ def load_extractor(source: str | Storage, *, table: KGTable | None = None, devic
     manifest = read_manifest(storage)
     files = {}
     for name, sha in manifest["sha256"].items():
-        try:
-            files[name] = storage.read_bytes(name)
-        except FileNotFoundError as e:
-            raise ExportError(f"{storage.url_of(name)}: missing, although manifest.json lists it") from e
-        if hashlib.sha256(files[name]).hexdigest() != sha:
-            raise ExportError(f"{storage.url_of(name)}: contents differ from the checksum in manifest.json")
+        files[name] = read_listed(storage, name, sha, listed_in=storage.url_of(MANIFEST), error=ExportError)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         for name, data in files.items():
             if name.startswith("encoder/"):

@@ -37,6 +37,7 @@ from bikd.lm.encoder import TINY as ENCODER_TINY, EncoderConfig, load_encoder
 from bikd.lm.kg_teacher import KGTable
 from bikd.lm.linking import EntityLinker
 from bikd.lm.model import FusedLM, LMConfig
+from bikd.manifest import read_listed, sha256_hex, write_manifested
 from bikd.storage import Storage
 
 __all__ = ["TINY", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
@@ -289,14 +290,11 @@ def export_fused(model: FusedLM, tokenizer, target: str | Storage, *, extra: Map
             "version": table.version, "interaction": table.interaction, "interaction_kwargs": dict(table.interaction_kwargs),
             "entity_labels": list(table.entity_labels) if table.entity_labels else None,
             "relation_labels": list(table.relation_labels) if table.relation_labels else None},
-        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        "sha256": {name: sha256_hex(data) for name, data in files.items()},
         "extra": dict(extra or {}),
     }
     text = json.dumps(manifest, indent=2)  # before any write: a non-JSON `extra` fails here
-    storage.delete(MANIFEST)
-    for name, data in files.items():
-        storage.write_bytes(name, data)
-    storage.write_text(MANIFEST, text)
+    write_manifested(storage, files, MANIFEST, text.encode("utf-8"))
     return manifest
 
 
@@ -311,12 +309,7 @@ def _read_export(source: str | Storage) -> tuple[Storage, dict, dict[str, bytes]
         raise ExportError(f"{storage.url_of(MANIFEST)}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     files = {}
     for name, sha in manifest["sha256"].items():
-        try:
-            files[name] = storage.read_bytes(name)
-        except FileNotFoundError as e:
-            raise ExportError(f"{storage.url_of(name)}: missing, although manifest.json lists it") from e
-        if hashlib.sha256(files[name]).hexdigest() != sha:
-            raise ExportError(f"{storage.url_of(name)}: contents differ from the checksum in manifest.json")
+        files[name] = read_listed(storage, name, sha, listed_in=storage.url_of(MANIFEST), error=ExportError)
     return storage, manifest, files
 
 

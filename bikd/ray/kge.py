@@ -22,9 +22,9 @@ state, then the updates are applied in trainer order), which makes runs bit-for-
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import posixpath
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +41,11 @@ from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_tripl
 from bikd.kge.shard import ShardState
 from bikd.kge.training import KGETrainConfig, TrainingTriples, check_added_triples, plan_step, step_gradients
 from bikd.ray.messages import AddTriples, PullRequest, PushGrads, Rows, Snapshot, array, tensor
+from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
+
+#: written last in each ``epoch-NNNNNN/`` checkpoint folder: a checkpoint exists iff it does
+CHECKPOINT_MANIFEST = "MANIFEST.json"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -292,14 +296,12 @@ def _save(storage: Storage, rel: str, state: dict) -> str:
     torch.save(state, buffer)
     data = buffer.getvalue()
     storage.write_bytes(rel, data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_hex(data)
 
 
 def _load(storage: Storage, rel: str, sha256: str) -> dict:
-    data = storage.read_bytes(rel)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise IOError(f"{storage.url_of(rel)}: checksum mismatch; the checkpoint file is corrupted")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    manifest = storage.url_of(f"{posixpath.dirname(rel)}/{CHECKPOINT_MANIFEST}")
+    return torch.load(io.BytesIO(read_listed(storage, rel, sha256, listed_in=manifest)), weights_only=True)
 
 
 def _node_strategy(node_id: str) -> NodeAffinitySchedulingStrategy:
@@ -430,18 +432,21 @@ class ShardedKGE:
         the partitioning under ``storage/epoch-NNNNNN/``; the manifest (with the ``kg_version``) is written
         last, so a checkpoint exists iff its manifest does. Returns the checkpoint's name."""
         name = f"epoch-{self.epoch:06d}"
+        # the actors write the data files themselves, so this is bikd.manifest's order by hand: a rewrite of
+        # this name is invisible until its own manifest lands
+        storage.delete(f"{name}/{CHECKPOINT_MANIFEST}")
         actors = self._actors()
         rels = [f"{name}/actor-{i:03d}.pt" for i in range(len(actors))]
         shas = ray.get([a.save.remote(storage, rel) for a, rel in zip(actors, rels)])
         shas.append(_save(storage, f"{name}/partition.pt", self.partitioning.state_dict()))
         manifest = {"epoch": self.epoch, "num_parts": self.dist.num_parts, "files": [*rels, f"{name}/partition.pt"],
                     "sha256": shas, "snapshot_version": self.snapshot_version, "kg_version": self.kg_version}
-        storage.write_text(f"{name}/MANIFEST.json", json.dumps(manifest, indent=1))
+        storage.write_text(f"{name}/{CHECKPOINT_MANIFEST}", json.dumps(manifest, indent=1))
         return name
 
     @staticmethod
     def latest_checkpoint(storage: Storage) -> str | None:
-        names = [n for n in storage.ls() if n.startswith("epoch-") and storage.exists(f"{n}/MANIFEST.json")]
+        names = [n for n in storage.ls() if n.startswith("epoch-") and storage.exists(f"{n}/{CHECKPOINT_MANIFEST}")]
         return max(names) if names else None
 
     def restore(self, storage: Storage, name: str | None = None) -> int:
@@ -454,7 +459,7 @@ class ShardedKGE:
         name = name or self.latest_checkpoint(storage)
         if name is None:
             raise FileNotFoundError(f"no complete checkpoint under {storage.url}")
-        manifest = json.loads(storage.read_text(f"{name}/MANIFEST.json"))
+        manifest = json.loads(storage.read_text(f"{name}/{CHECKPOINT_MANIFEST}"))
         if manifest["num_parts"] != self.dist.num_parts:
             raise ValueError(f"{storage.url_of(name)} has {manifest['num_parts']} partitions, this run {self.dist.num_parts}")
         saved = Partitioning.from_state_dict(_load(storage, manifest["files"][-1], manifest["sha256"][-1]))
