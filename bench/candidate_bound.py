@@ -54,8 +54,7 @@ def main() -> None:
     teacher, _ = load_teacher(kg, teacher_config(args), Path(args.cache))
     passages, passage_counts = load_passages(kg, text, args)
     pairs, _ = corpus.pair_candidates(passages, build_linker(kg, text), max_pairs_per_passage=args.max_pairs_per_passage)
-    version = KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
-                        {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
+    version = KGVersion.gold_only(kg)
     known = known_triples(version)
     base = MiningConfig().candidates
     default = base.max_candidates

@@ -301,8 +301,7 @@ def main() -> None:
     train_pairs, train_labels, calib, calib_labels, pair_info = (split.train_pairs, split.train_labels,
                                                                  split.calib_pairs, split.calib_labels, split.counts)
     log(f"passages {passage_counts}, pairs {pair_info}")
-    version = KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
-                        {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
+    version = KGVersion.gold_only(kg)
     known = known_triples(version)
     cand_cfg = CandidateConfig(max_candidates=args.max_candidates)
     cands = generate(pairs, passages, known, teacher.model.score_t, kg.num_entities, kg.num_relations, cand_cfg)

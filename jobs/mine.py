@@ -77,10 +77,9 @@ def open_store(cfg: MineJobConfig, dry_run: bool) -> tuple[KGStore | None, KGVer
                              f"HEAD; mine an older version with --dry-run, or roll the store back to it first")
         return store, store.read(cfg.kg_version)
     kg = load_from_config(cfg.data)
-    gold = {s: kg.label_triples(s) for s in ("train", "valid", "test")}
     if dry_run:  # the version 0 a real run would create, in memory only
-        return None, KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
-                               {k: tuple(v) for k, v in gold.items()}, ())
+        return None, KGVersion.gold_only(kg)
+    gold = {s: kg.label_triples(s) for s in ("train", "valid", "test")}
     store = KGStore.create(storage, entities=kg.entities.labels, relations=kg.relations.labels, gold=gold)
     print(f"new KG store at {storage.url}: version 0 from {cfg.data.name}")
     return store, store.read()

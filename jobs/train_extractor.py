@@ -64,8 +64,7 @@ def read_version(cfg: ExtractorJobConfig) -> KGVersion:
     if cfg.store is not None:
         return KGStore(Storage(cfg.store)).read(cfg.kg_version)
     kg = load_from_config(cfg.data)
-    return KGVersion(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
-                     {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
+    return KGVersion.gold_only(kg)
 
 
 def train(cfg: ExtractorJobConfig) -> int:
@@ -77,10 +76,10 @@ def train(cfg: ExtractorJobConfig) -> int:
     version = read_version(cfg)
     table, kg_snap = None, None
     if cfg.kg_export is not None:
-        _, _, entities, relations, meta = load_embeddings(Storage(cfg.kg_export))
-        kg_snap = kg_snapshot_id(meta)
-        check_id_maps(entities, relations, kg_snap, version, cfg.store or cfg.data.name)
-        table = KGTable.from_export(Storage(cfg.kg_export))
+        loaded = load_embeddings(Storage(cfg.kg_export))
+        kg_snap = kg_snapshot_id(loaded[-1])
+        check_id_maps(loaded[2], loaded[3], kg_snap, version, cfg.store or cfg.data.name)
+        table = KGTable.from_loaded(*loaded)
     linked = link_text(version, text_from_config(cfg.data), cfg.corpus, descriptions=cfg.descriptions,
                        max_pairs_per_passage=cfg.max_pairs_per_passage)
     print("passages: " + ", ".join(f"{k} {v}" for k, v in linked.counts.items()))

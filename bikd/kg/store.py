@@ -142,6 +142,13 @@ class KGVersion:
     gold: dict[str, tuple[Triple, ...]]
     mined: tuple[MinedTriple, ...]
 
+    @classmethod
+    def gold_only(cls, kg) -> "KGVersion":
+        """What version 0 of a store made from ``kg`` (a :class:`~bikd.kg.triples.KGSplits`) holds, in memory:
+        its labels and its train/valid/test as gold, nothing mined (a dry run, a benchmark)."""
+        return cls(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
+                   {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
+
     def mined_arrays(
         self, entity_to_id: Mapping[str, int] | None = None, relation_to_id: Mapping[str, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,13 @@ class KGTable:
         ``version`` defaults to ``meta["extra"]["version"]`` when the exporter recorded one, else 0."""
         from bikd.kge.export import load_embeddings
 
-        entity, relation, entity_labels, relation_labels, meta = load_embeddings(storage, prefix)
+        return cls.from_loaded(*load_embeddings(storage, prefix), version=version)
+
+    @classmethod
+    def from_loaded(cls, entity: np.ndarray, relation: np.ndarray, entity_labels: Sequence[str],
+                    relation_labels: Sequence[str], meta: dict, *, version: int | None = None) -> KGTable:
+        """:meth:`from_export` of what :func:`bikd.kge.export.load_embeddings` returned (a caller that also
+        needs ``meta`` reads the export once)."""
         model = meta.get("model")
         kwargs = {"p": int(meta.get("config", {}).get("p", 2))} if model == "transe" else {}
         if version is None:

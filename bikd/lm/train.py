@@ -17,7 +17,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +40,7 @@ from bikd.lm.model import FusedLM, LMConfig
 from bikd.manifest import read_listed, sha256_hex, write_manifested
 from bikd.storage import Storage
 
-__all__ = ["TINY", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
+__all__ = ["TINY", "linker_for", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
            "load_kg_table", "build_linker", "build_task_data", "evaluate_task", "state_digest",
            "export_fused", "load_fused", "load_fused_tokenizer", "default_squad_path"]
 
@@ -136,13 +136,18 @@ def load_kg_table(cfg: KGTableConfig, kg: KGSplits, storage_options: Mapping[str
 
 
 def build_linker(kg: KGSplits, text: KGText | None = None) -> EntityLinker:
+    """:func:`linker_for` the KG's entities and train split."""
+    return linker_for(kg.entities.labels, kg.train, text)
+
+
+def linker_for(entity_labels: Sequence[str], train: Tensor, text: KGText | None = None) -> EntityLinker:
     """Aliases from the KG's text files (names, Wikidata aliases) when it has them, else each entity's
-    label as words (UMLS: ``amino_acid_peptide_or_protein`` -> "amino acid peptide or protein")."""
-    degree = torch.bincount(kg.train[:, [0, 2]].flatten(), minlength=kg.num_entities).tolist()
+    label as words (UMLS: ``amino_acid_peptide_or_protein`` -> "amino acid peptide or protein"). Ambiguous
+    aliases prefer the entity with more ``train (n, 3)`` triples: only train shapes the links."""
+    degree = torch.bincount(train[:, [0, 2]].flatten(), minlength=len(entity_labels)).tolist()
     if text is not None and (text.entities or text.wikidata):
-        return EntityLinker.from_kg_text(text, kg.entities.to_id, degree=degree)
-    names = triple_cls.TripleVerbaliser.from_kg(kg, text).entity_names
-    return EntityLinker.build({i: [n] for i, n in enumerate(names)}, degree=degree)
+        return EntityLinker.from_kg_text(text, {e: i for i, e in enumerate(entity_labels)}, degree=degree)
+    return EntityLinker.build({i: [triple_cls.label_to_text(e)] for i, e in enumerate(entity_labels)}, degree=degree)
 
 
 # ---- data -------------------------------------------------------------------------------------------

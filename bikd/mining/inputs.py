@@ -20,7 +20,7 @@ from bikd.kg.text import KGText
 from bikd.lm import corpus
 from bikd.lm.linking import EntityLinker
 from bikd.lm.pairs import PairCandidate, Passage
-from bikd.lm.triple_cls import label_to_text
+from bikd.lm.train import linker_for
 
 __all__ = ["LinkedText", "link_text", "version_linker", "split_tensor", "CalibrationSplit", "calibration_split"]
 
@@ -34,15 +34,9 @@ def split_tensor(version: KGVersion, split: str) -> Tensor:
 
 
 def version_linker(version: KGVersion, text: KGText) -> EntityLinker:
-    """Aliases from the KG's text (names, Wikidata labels and aliases) when it has any, else every entity's
-    label as words (UMLS: ``amino_acid_peptide_or_protein`` -> "amino acid peptide or protein"); ambiguous
-    aliases prefer the entity with more train triples."""
-    train = split_tensor(version, "train")
-    degree = torch.bincount(train[:, [0, 2]].flatten(), minlength=len(version.entities)).tolist()
-    entity_to_id = {e: i for i, e in enumerate(version.entities)}
-    if text.entities or text.wikidata:
-        return EntityLinker.from_kg_text(text, entity_to_id, degree=degree)
-    return EntityLinker.build({i: [label_to_text(e)] for i, e in enumerate(version.entities)}, degree=degree)
+    """The linker both jobs use (:func:`bikd.lm.train.linker_for`): the version's labels, its train split's
+    degrees as the prior for ambiguous aliases."""
+    return linker_for(version.entities, split_tensor(version, "train"), text)
 
 
 @dataclass(frozen=True)
