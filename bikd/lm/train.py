@@ -231,10 +231,11 @@ def _gather(obj: Any) -> list:  # every rank's obj, on every rank
 
 @torch.no_grad()
 def evaluate_task(model: nn.Module, data: TaskData, task: str, batch_size: int,
-                  device: torch.device | str = "cpu") -> dict[str, float]:
+                  device: torch.device | str = "cpu", *, kg: bool = True) -> dict[str, float]:
     """Score the whole eval set: each rank runs ``model`` (a FusedLM, a wrapper or a DeepSpeed engine: any
     ``model(batch) -> outputs``) on its shard, predictions are all-gathered, and every rank returns the same
-    metrics: ``accuracy`` (triple_cls) or SQuAD ``exact_match``/``f1`` in percent (qa)."""
+    metrics: ``accuracy`` (triple_cls) or SQuAD ``exact_match``/``f1`` in percent (qa). ``kg=False``: the batches
+    go in without their entity links, so no KG row is fused (the LM alone)."""
     was_training = model.training
     model.eval()
     keys = ("logits",) if task == "triple_cls" else ("start_logits", "end_logits")
@@ -242,6 +243,8 @@ def evaluate_task(model: nn.Module, data: TaskData, task: str, batch_size: int,
     try:
         for ids, batch in data.batches(batch_size):
             batch.pop("mention_spans")  # KD losses are not evaluated; fusion reads token_entity
+            if not kg:
+                batch.pop("token_entity", None)
             result = model({k: v.to(device) for k, v in batch.items()})
             rows.append(ids)
             for k in keys:

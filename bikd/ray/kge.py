@@ -40,7 +40,7 @@ from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
 from bikd.kge.training import KGETrainConfig, TrainingTriples, check_added_triples, plan_step, step_gradients
-from bikd.ray.messages import AddTriples, PullRequest, PushGrads, Rows, Snapshot, array, tensor
+from bikd.ray.messages import AddTriples, PullRequest, PushGrads, Rows, Snapshot, array, snapshot_prefix, tensor
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
 
@@ -504,7 +504,7 @@ class ShardedKGE:
             entity_labels = entity_labels or [str(i) for i in range(self.num_entities)]
             relation_labels = relation_labels or [str(i) for i in range(self.num_relations)]
             export_embeddings(storage, snapshot.entity, snapshot.relation, entity_labels, relation_labels,
-                              self.cfg.model, prefix=f"snapshots/v{snapshot.version:06d}",
+                              self.cfg.model, prefix=snapshot_prefix(snapshot.version),
                               extra={"version": snapshot.version, "epoch": self.epoch})  # KGTable.from_export's key
         return snapshot, ray.put(snapshot)
 

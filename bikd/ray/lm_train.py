@@ -12,7 +12,6 @@ when started again with the same ``name`` and ``storage_path``. At the end rank 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -33,16 +32,16 @@ from bikd.lm.encoder import EncoderConfig
 from bikd.lm.fusion import FusionConfig
 from bikd.lm.kd import KDConfig
 from bikd.lm.model import LMConfig
-from bikd.lm.train import (KGTableConfig, TaskConfig, build_linker, build_lm, build_task_data,
-                           default_squad_path, encoder_num_layers, evaluate_task, export_fused, load_kg_table,
-                           state_digest)
+from bikd.lm.train import (KGTableConfig, TaskConfig, build_lm, default_squad_path, encoder_num_layers, export_fused,
+                           load_kg_table, state_digest)
+from bikd.lm.trainer import LOSSES, LMTrainer, TrainConfig, build_parts
+from bikd.ray.exchange import ExchangeConfig, TableFeed
 from bikd.storage import Storage, join_url, url_exists
 
 __all__ = ["DeepSpeedConfig", "TrainConfig", "FaultConfig", "LMJobConfig", "lm_config", "deepspeed_config",
            "set_malloc_mmap_threshold",
            "ray_storage", "validate", "train_loop_per_worker", "run"]
 
-LOSSES = ("loss", "task_loss", "kd_entity_loss", "kd_relation_loss")
 TAG, META = "deepspeed", "bikd_checkpoint.json"
 
 
@@ -84,37 +83,6 @@ class DeepSpeedConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
-class TrainConfig:
-    """``batch_size`` per worker; ``steps`` (optimizer steps) or, when null, ``epochs`` over the train rows.
-    AdamW with linear warmup over ``warmup_steps`` then linear decay to 0. ``eval_every``/``checkpoint_every``/
-    ``log_every`` in steps (eval and checkpoint also after the last step; null eval_every: only then)."""
-
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    steps: int | None = None
-    epochs: int = 1
-    eval_every: int | None = None
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"train.lr must be > 0 and train.weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        for key in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "eval_every"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-
-
-@dataclass(kw_only=True, frozen=True)
 class FaultConfig:
     """For tests: worker ``fail_rank`` exits hard after step ``fail_at_step``, once (it first creates the file
     ``marker``). ``param_digest``: report the sha256 of the gathered weights (an all-gather per report)."""
@@ -151,6 +119,8 @@ class LMJobConfig:
     export_path: str | None = None
     max_failures: int = 1
     keep_checkpoints: int = 2
+    #: with ``exchange.actor`` set, the KG table follows the snapshots published there (every lm_poll_steps)
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     debug: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
@@ -227,6 +197,12 @@ def validate(cfg: LMJobConfig) -> LMJobConfig:
     cfg = _absolute(cfg)
     if cfg.task.name == "qa" and not url_exists(cfg.task.squad_path):
         raise ValueError(f"task.squad_path {cfg.task.squad_path}: no such file (SQuAD v1.1 dev JSON)")
+    if ray.is_initialized() and cfg.exchange.actor:
+        try:
+            ray.get_actor(cfg.exchange.actor, namespace=cfg.exchange.namespace)
+        except ValueError:
+            raise ValueError(f"exchange.actor {cfg.exchange.actor!r}: no such actor in Ray namespace "
+                             f"{cfg.exchange.namespace or '(the job default)'}; start the exchange first") from None
     if ray.is_initialized():
         need, have = cfg.num_workers * cfg.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
         if need > have or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
@@ -257,15 +233,24 @@ def _export(lm, cfg: LMJobConfig, table, rank: int, extra: dict) -> None:
         export_fused(fresh, tokenizer, Storage(cfg.export_path, cfg.storage_options), extra=extra)
 
 
-def _restore(engine, checkpoint, cfg: LMJobConfig, world: int) -> tuple[int, list[dict]]:
-    """Loads the engine's state; returns the checkpoint's step and the report history up to it."""
+def _restore(engine, trainer: LMTrainer, checkpoint, cfg: LMJobConfig, world: int, feed: TableFeed | None) -> list[dict]:
+    """Loads the engine's and the loop's state (the KG table version it fused included); returns the report
+    history up to the checkpoint."""
     with checkpoint.as_directory() as d:
         meta = json.loads(Path(d, META).read_text())
         if (meta["world_size"], meta["zero_stage"]) != (world, cfg.deepspeed.zero_stage):
             raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with ZeRO-"
                              f"{meta['zero_stage']}; this run has {world} with ZeRO-{cfg.deepspeed.zero_stage}")
         _, client = engine.load_checkpoint(d, tag=TAG)
-    return int(client["step"]), list(meta.get("history", []))
+    trainer.load_state_dict(client, None if feed is None else feed.table)
+    return list(meta.get("history", []))
+
+
+def _broadcast(obj):
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def set_malloc_mmap_threshold(num_bytes: int) -> bool:
@@ -284,7 +269,8 @@ def set_malloc_mmap_threshold(num_bytes: int) -> bool:
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
-    """One rank: build data and model, resume, train, report, export. Returns (rank 0) the history of reports."""
+    """One rank: build data and model, resume, train (swapping in newer KG snapshots), report, export.
+    Returns (rank 0) the history of reports."""
     import deepspeed
 
     cfg: LMJobConfig = config["cfg"]
@@ -296,85 +282,83 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if device.type == "cpu":
         set_malloc_mmap_threshold(cfg.deepspeed.malloc_mmap_threshold)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
-    lm, tokenizer = build_lm(lm_config(cfg), table)
-    kg = load_from_config(cfg.data)
-    text = text_from_config(cfg.data)
-    linker = build_linker(kg, text) if cfg.task.link else None
-    train_data, eval_data = build_task_data(cfg.task, tokenizer, kg, linker, text=text, rank=rank, world_size=world)
-    per_epoch = train_data.num_batches(cfg.train.batch_size)
-    total = cfg.train.steps or cfg.train.epochs * per_epoch
+    # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
+    parts = build_parts(lm_config(cfg), cfg.task, load_from_config(cfg.data), text_from_config(cfg.data), table,
+                        seed=cfg.train.seed, rank=rank, world_size=world)
+    lm = parts.model
+    total = cfg.train.steps or cfg.train.epochs * parts.train_data.num_batches(cfg.train.batch_size)
     bf16 = cfg.deepspeed.bf16 is True or (cfg.deepspeed.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     ds = deepspeed_config(cfg, total_steps=total, bf16=bf16, persist_numel=max(p.numel() for p in lm.conditional_parameters()))
     engine, *_ = deepspeed.initialize(model=lm, model_parameters=[p for p in lm.parameters() if p.requires_grad], config=ds)
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731 (the KG table stays fp32)
+    trainer = LMTrainer(lm, engine, parts.train_data, parts.eval_data, cfg.train, task=cfg.task.name, device=device, bf16=bf16)
+    feed = TableFeed(cfg.exchange, table, rank) if cfg.exchange.actor else None
 
-    step, extra, history = 0, {"resumed_from_step": None, "bf16": bf16}, []
+    extra, history = {"resumed_from_step": None, "bf16": bf16}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         # the history travels in the checkpoint: a resumed run reports every step since the first, not since the resume
-        step, history = _restore(engine, checkpoint, cfg, world)
-        extra["resumed_from_step"] = step
+        history = _restore(engine, trainer, checkpoint, cfg, world, feed)
+        extra.update(resumed_from_step=trainer.step, resumed_table_version=trainer.table_version)
         if cfg.debug.param_digest:
             extra["resume_digest"] = state_digest(_full_state(lm))
     sums, count, clock = torch.zeros(len(LOSSES), dtype=torch.float64), 0, time.perf_counter()
+    behind, newest = 0, trainer.table_version  # staleness: versions behind the newest, at the polls of a window
     finished = False
 
+    def poll() -> None:
+        nonlocal behind, newest
+        version = feed.newest(_broadcast)
+        if version is None or (trainer.table_version is not None and version <= trainer.table_version):
+            return
+        newest = version
+        behind = max(behind, version - (trainer.table_version or 0))
+        trainer.swap_table(feed.table(version))  # every rank, at the same step
+
     def report(final: bool) -> None:
-        nonlocal sums, count, clock, finished
+        nonlocal sums, count, clock, finished, behind
         finished = final
-        t = cfg.train
+        step, t = trainer.step, cfg.train
         stats = torch.cat([sums, torch.tensor([count], dtype=torch.float64)]).to(device)
         dist.all_reduce(stats)  # sums over ranks: means of every rank's steps since the last report
-        metrics = {"step": step, "epoch": step / per_epoch, "lr": engine.get_lr()[0], **extra,
+        metrics = {"step": step, "epoch": step / trainer.per_epoch, "lr": trainer.lr(), **extra,
+                   "kg_table_version": trainer.table_version, "kg_newest_version": newest, "kg_versions_behind": behind,
                    **{k: float(v) / max(float(stats[-1]), 1.0) for k, v in zip(LOSSES, stats[:-1])},
                    "rows_per_s": float(stats[-1]) * t.batch_size / max(time.perf_counter() - clock, 1e-9)}
         if final or (t.eval_every and step % t.eval_every == 0):
-            with amp():
-                scores = evaluate_task(engine, eval_data, cfg.task.name, t.eval_batch_size, device)
-            metrics.update({f"eval_{k}": v for k, v in scores.items()})
+            metrics.update(trainer.evaluate_both())
         if cfg.debug.param_digest:
             metrics["param_digest"] = state_digest(_full_state(lm))
         if final:
             metrics["export"] = cfg.export_path
-            _export(lm, cfg, table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}})
+            _export(lm, cfg, lm.table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}})
         if rank == 0 and float(stats[-1]) > 0:  # (Ray Train logs every report as it arrives; a report with no
             history.append(metrics)             # step since the last, after a resume from the last checkpoint, has no losses)
         if (final or step % t.checkpoint_every == 0) and step != extra["resumed_from_step"]:  # not over the one read
             with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag=TAG, client_state={"step": step})
+                engine.save_checkpoint(d, tag=TAG, client_state=trainer.state_dict())
                 if rank == 0:
                     Path(d, META).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": cfg.deepspeed.zero_stage,
-                                                         "history": history}))
+                                                         "table_version": trainer.table_version, "history": history}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:09d}")
         else:
             ray.train.report(metrics)
-        sums, count, clock = torch.zeros_like(sums), 0, time.perf_counter()
+        sums, count, clock, behind = torch.zeros_like(sums), 0, time.perf_counter(), 0
 
     engine.train()
-    while step < total:
-        epoch, skip = divmod(step, per_epoch)
-        for _, batch in itertools.islice(train_data.batches(cfg.train.batch_size, epoch=epoch, seed=cfg.train.seed), skip, None):
-            # RNG streams as a function of (seed, rank, step): a resumed run draws what the first would have
-            torch.manual_seed(hash((cfg.train.seed, rank, step)) % (1 << 62))
-            lm.generator.manual_seed(hash((cfg.kd.seed, rank, step)) % (1 << 62))
-            with amp():
-                out = engine({k: v.to(device) for k, v in batch.items()})
-            engine.backward(out["loss"])
-            engine.step()
-            step, count = step + 1, count + 1
-            sums += torch.stack([out[k].detach().double().cpu() for k in LOSSES])
-            f = cfg.debug
-            if step == f.fail_at_step and rank == f.fail_rank and not os.path.exists(f.marker):
-                # the controller registers a reported checkpoint when it next polls the workers; a crash
-                # within that window (ms here, one poll in a real run) resumes from the one before
-                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-                Path(f.marker).write_text(f"rank {rank} exited at step {step}\n")
-                os._exit(1)  # a crash: no cleanup, no report
-            t = cfg.train
-            if step == total or step % t.log_every == 0 or step % t.checkpoint_every == 0 or (t.eval_every and step % t.eval_every == 0):
-                report(final=step == total)
-            if step == total:
-                break
+    while not trainer.done:
+        if feed is not None and trainer.step % cfg.exchange.lm_poll_steps == 0:
+            poll()
+        sums += trainer.train_step()
+        step, count = trainer.step, count + 1
+        f = cfg.debug
+        if step == f.fail_at_step and rank == f.fail_rank and not os.path.exists(f.marker):
+            # the controller registers a reported checkpoint when it next polls the workers; a crash
+            # within that window (ms here, one poll in a real run) resumes from the one before
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            Path(f.marker).write_text(f"rank {rank} exited at step {step}\n")
+            os._exit(1)  # a crash: no cleanup, no report
+        t = cfg.train
+        if trainer.done or step % t.log_every == 0 or step % t.checkpoint_every == 0 or (t.eval_every and step % t.eval_every == 0):
+            report(final=trainer.done)
     if not finished:  # resumed from the final checkpoint: evaluate and export again
         report(final=True)
     return {"history": history, "export": cfg.export_path, **extra} if rank == 0 else None

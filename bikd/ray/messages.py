@@ -47,6 +47,11 @@ class PushGrads:
     grads: np.ndarray  # (n, d) float32
 
 
+def snapshot_prefix(version: int) -> str:
+    """Where ``ShardedKGE.publish`` exports snapshot ``version`` under its storage."""
+    return f"snapshots/v{version:06d}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Snapshot:
     version: int

@@ -1,0 +1,145 @@
+"""The exchange point between the two sides: a named Ray actor holding the newest KG snapshots (KG -> LM) and
+the newest committed KG store version (LM -> KG), and the LM ranks' side of it.
+
+    KGE side --offer_table(TableOffer)--> Exchange <--newest_table()-- LM rank 0 (every lm_poll_steps)
+                                                   --table(version)--> every LM rank, then set_kg_table
+
+The actor holds references only (a snapshot lives in the object store, put by whoever published it); it
+keeps the newest ``keep_tables``. A version it no longer holds (or one from before a driver restart, whose
+objects died with it) is read from the snapshot exports under ``ExchangeConfig.snapshots``
+(``snapshots/vNNNNNN/``, written by ``ShardedKGE.publish``), so a resumed LM worker always gets back the
+table its checkpoint fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from bikd.lm.kg_teacher import KGTable
+from bikd.ray.messages import snapshot_prefix
+from bikd.storage import Storage
+
+__all__ = ["ExchangeConfig", "TableOffer", "Exchange", "TableFeed", "exchange_actor", "snapshot_prefix"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExchangeConfig:
+    """How the two sides meet. ``actor``: the named exchange actor (null: the LM's KG table stays fixed);
+    ``snapshots``: URL under which snapshots are exported (a version the actor no longer holds is read there).
+    ``lm_poll_steps``: LM steps between polls for a newer snapshot (a poll is one small actor call on rank 0
+    and one broadcast: ~1 ms); ``kge_publish_epochs``: KGE epochs between published snapshots;
+    ``lm_export_steps``: LM steps between exports (what a mining round reads); ``keep_tables``: snapshots the
+    actor keeps referenced."""
+
+    actor: str | None = None
+    namespace: str | None = None
+    snapshots: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    lm_poll_steps: int = 20
+    kge_publish_epochs: int = 1
+    lm_export_steps: int = 100
+    keep_tables: int = 3
+
+    def __post_init__(self):
+        for key in ("lm_poll_steps", "kge_publish_epochs", "lm_export_steps", "keep_tables"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"exchange.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableOffer:
+    """A published KG snapshot. ``refs``: one ObjectRef of a ``bikd.ray.messages.Snapshot``, in a tuple so that
+    Ray hands the reference (not the value) to the actor."""
+
+    version: int
+    refs: tuple
+    epoch: int = 0
+
+
+@ray.remote(num_cpus=0)
+class Exchange:
+    def __init__(self, keep_tables: int = 3):
+        self.keep = keep_tables
+        self.tables: dict[int, TableOffer] = {}
+        self.num_polls = 0
+        self.last_polled: int | None = None
+        self.kg_version = 0
+
+    def offer_table(self, offer: TableOffer) -> int:
+        newest = max(self.tables, default=0)
+        if offer.version <= newest:
+            raise ValueError(f"snapshot versions must increase: offered {offer.version} after {newest}")
+        self.tables[offer.version] = offer
+        for old in sorted(self.tables)[:-self.keep]:
+            del self.tables[old]
+        return offer.version
+
+    def newest_table(self) -> TableOffer | None:
+        """The newest snapshot (None before the first); counted as a poll."""
+        self.num_polls += 1
+        offer = self.tables[max(self.tables)] if self.tables else None
+        self.last_polled = None if offer is None else offer.version
+        return offer
+
+    def table(self, version: int) -> TableOffer | None:
+        return self.tables.get(version)
+
+    def offer_kg_version(self, version: int) -> int:
+        self.kg_version = max(self.kg_version, int(version))
+        return self.kg_version
+
+    def newest_kg_version(self) -> int:
+        return self.kg_version
+
+    def stats(self) -> dict:
+        return {"num_polls": self.num_polls, "last_polled": self.last_polled, "newest": max(self.tables, default=None),
+                "held": sorted(self.tables), "kg_version": self.kg_version}
+
+
+def exchange_actor(cfg: ExchangeConfig, *, create: bool = False):
+    """The named actor (``create``: started when missing; it lives as long as the job that created it)."""
+    assert cfg.actor, "exchange.actor is unset"
+    if create:
+        return Exchange.options(name=cfg.actor, namespace=cfg.namespace, get_if_exists=True).remote(cfg.keep_tables)
+    return ray.get_actor(cfg.actor, namespace=cfg.namespace)
+
+
+class TableFeed:
+    """The LM ranks' view: :meth:`newest` asks on rank 0 and broadcasts (every rank gets the same answer, so
+    every rank swaps at the same step); :meth:`table` turns a version into a KGTable like ``base`` (same
+    interaction and labels), from the object store or, failing that, from the snapshot exports."""
+
+    def __init__(self, cfg: ExchangeConfig, base: KGTable, rank: int = 0):
+        self.cfg, self.base, self.rank = cfg, base, rank
+        self.actor = exchange_actor(cfg)
+        self.num_polls = 0
+
+    def newest(self, broadcast) -> int | None:
+        """The newest published version (None: none yet). ``broadcast(obj) -> obj`` sends rank 0's object to
+        every rank (the identity for one rank)."""
+        self.num_polls += 1
+        version = None
+        if self.rank == 0:
+            offer = ray.get(self.actor.newest_table.remote())
+            version = None if offer is None else offer.version
+        return broadcast(version)
+
+    def table(self, version: int) -> KGTable:
+        if version == self.base.version:
+            return self.base
+        offer = ray.get(self.actor.table.remote(version))
+        if offer is not None:
+            try:
+                snap = ray.get(offer.refs[0])
+                return self.base.with_tables(version=version, entity=snap.entity, relation=snap.relation)
+            except ray.exceptions.ObjectLostError:  # its publisher is gone (a restarted driver): read the export
+                pass
+        if not self.cfg.snapshots:
+            raise ValueError(f"KG snapshot version {version} is neither held by exchange actor {self.cfg.actor!r} "
+                             f"nor readable (exchange.snapshots is unset)")
+        table = KGTable.from_export(Storage(self.cfg.snapshots, self.cfg.storage_options), snapshot_prefix(version),
+                                    version=version)
+        return self.base.with_tables(version=version, entity=table.entity, relation=table.relation)
