@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 import torch
 
 from bikd.cli import job_parser, parse_job_config, run_main, set_num_threads
-from bikd.config import dump_yaml, to_dict
+from bikd.config import dump_yaml
 from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
 from bikd.kg.store import KGStore, KGVersion
 from bikd.kge.export import load_embeddings
 from bikd.lm.encoder import EncoderConfig
-from bikd.lm.extractor import ExtractorConfig, build_extractor, calibrate_temperature, save_extractor, train_extractor
+from bikd.lm.extractor import ExtractorConfig
 from bikd.lm.extractor_io import MANIFEST
 from bikd.lm.kg_teacher import KGTable
-from bikd.mining.inputs import calibration_split, link_text, split_tensor
+from bikd.mining.extract import fit_extractor
+from bikd.mining.inputs import link_text
 from bikd.mining.round import check_id_maps, kg_snapshot_id
 from bikd.storage import Storage
 
@@ -83,27 +84,11 @@ def train(cfg: ExtractorJobConfig) -> int:
     linked = link_text(version, text_from_config(cfg.data), cfg.corpus, descriptions=cfg.descriptions,
                        max_pairs_per_passage=cfg.max_pairs_per_passage)
     print("passages: " + ", ".join(f"{k} {v}" for k, v in linked.counts.items()))
-    R = len(version.relations)
-    split = calibration_split(linked.pairs, split_tensor(version, "train"), split_tensor(version, "valid"), R,
-                              cfg.num_calib_pairs, cfg.extractor.seed)
-    print("pairs: " + ", ".join(f"{k} {v}" for k, v in split.counts.items()), flush=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model, tokenizer = build_extractor(cfg.extractor, R, encoder_cfg=cfg.encoder,
-                                       table=table.to(device) if cfg.extractor.fusion else None)
-    model.to(device)
-    history = train_extractor(model, tokenizer, split.train_pairs, split.train_labels, cfg.extractor,
-                              teacher=None if table is None else table.to(device))
-    print(f"trained: {history['num_steps']} steps over {history['num_pairs']} pairs ({history['num_positive']} "
-          f"related) in {history['seconds']:.0f} s, loss per epoch {[round(x, 4) for x in history['epoch_loss']]}")
-    if split.calib_pairs:
-        temperature = calibrate_temperature(model, tokenizer, split.calib_pairs, split.calib_labels)
-        print(f"temperature {temperature:.3f} (fitted on {len(split.calib_pairs)} pairs labelled from valid)")
-    else:
-        print("temperature 1: fewer than 2 unrelated pairs, none held out to fit it on")
-    extra = {"kg_version": version.version, "kg_snapshot_id": kg_snap, "counts": {**linked.counts, **split.counts},
-             "history": {k: v for k, v in history.items() if k not in ("loss", "kd_loss")},
-             "encoder": to_dict(cfg.encoder), "extractor": to_dict(cfg.extractor)}
-    manifest = save_extractor(model.cpu(), tokenizer, out, relation_labels=version.relations, extra=extra)
+    fitted = fit_extractor(version, linked, out, encoder=cfg.encoder, extractor=cfg.extractor,
+                           num_calib_pairs=cfg.num_calib_pairs, table=table, kg_snapshot_id=kg_snap, device=device,
+                           log=lambda line: print(line, flush=True))
+    manifest = fitted.manifest
     print(f"extractor {manifest['snapshot_id']} exported to {out.url}; mine with: python jobs/mine.py "
           f"--set extractor={cfg.out} ...")
     return 0

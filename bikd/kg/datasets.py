@@ -2,6 +2,10 @@
 
 - ``nations``, ``kinships``, ``umls``: the files PyKEEN's wheel ships (read from its package folder; no
   network, and pykeen itself is not imported).
+- ``fb15k237_slice``: a dense slice of FB15k-237 (about 2,000 entities) with its entity text, shipped in bikd's
+  own package folder ``bikd/kg/data/fb15k237_slice/`` (every file xz-compressed; built by
+  ``bench/data/make_fb15k237_slice.py``, sources, licences and counts in its README.md): the default KG with
+  text, needing no external data.
 - ``fb15k237``: a directory holding FB15k-237 (``train/valid/test.txt`` and optionally the text files);
   from the ``path`` argument, else ``$BIKD_FB15K237_DIR``, else ``$BIKD_DATA_DIR/fb15k-237``.
 - anything else: a directory URL (local, ``file://``, ``s3://``) holding ``train.txt``, ``valid.txt``,
@@ -23,11 +27,24 @@ from bikd.kg.triples import SPLITS, KGDataError, KGSplits, UnknownPolicy, build_
 from bikd.storage import Storage, join_url, url_exists
 
 PYKEEN_EMBEDDED = ("nations", "kinships", "umls")
-KNOWN_DATASETS = (*PYKEEN_EMBEDDED, "fb15k237")
+#: shipped in bikd's package folder (``bikd/kg/data/<name>/``), each file stored as ``<file>.xz``
+BIKD_EMBEDDED = ("fb15k237_slice",)
+KNOWN_DATASETS = (*PYKEEN_EMBEDDED, "fb15k237", *BIKD_EMBEDDED)
+_PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
 
 def _dataset_key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
+
+
+#: lookup key (``fb15k237slice``) -> the built-in name as KNOWN_DATASETS spells it (``fb15k237_slice``)
+_KNOWN_KEYS = {_dataset_key(n): n for n in KNOWN_DATASETS}
+_BIKD_EMBEDDED_KEYS = tuple(_dataset_key(n) for n in BIKD_EMBEDDED)
+
+
+def _file_name(name_or_path: str, fname: str) -> str:
+    """A dataset file's name in its folder: bikd's embedded sets store each one xz-compressed."""
+    return f"{fname}.xz" if _dataset_key(name_or_path) in _BIKD_EMBEDDED_KEYS else fname
 
 
 def _pykeen_dataset_dir(name: str) -> str:
@@ -42,6 +59,8 @@ def dataset_dir(name_or_path: str, path: str | None = None) -> str:
     key = _dataset_key(name_or_path)
     if key in PYKEEN_EMBEDDED:
         return _pykeen_dataset_dir(key)
+    if key in _BIKD_EMBEDDED_KEYS:
+        return str(_PACKAGE_DATA / _KNOWN_KEYS[key])
     if key == "fb15k237":
         if path:
             return path
@@ -78,20 +97,21 @@ def load_dataset(
     (default: the built-in name, else the folder URL)."""
     root = dataset_dir(name_or_path, path)
     _check_dir(root, storage_options)
-    raw = {s: read_triples(join_url(root, f"{s}.txt"), storage_options) for s in SPLITS}
+    raw = {s: read_triples(join_url(root, _file_name(name_or_path, f"{s}.txt")), storage_options) for s in SPLITS}
     if name is None:
-        name = name_or_path if _dataset_key(name_or_path) in KNOWN_DATASETS else root
+        name = name_or_path if _dataset_key(name_or_path) in _KNOWN_KEYS else root
     return build_splits(name, raw, unknown=unknown, id_map_from=id_map_from)  # type: ignore[arg-type]
 
 
 def load_text(name_or_path: str, *, path: str | None = None, storage_options: Mapping | None = None) -> KGText:
     """Whatever text files the dataset directory has (``entity2text.txt``, else ``entity2name.txt``;
-    ``relation2text.txt``; ``entity2wikidata.json``); missing ones give empty maps."""
+    ``relation2text.txt``; ``entity2wikidata.json``; each ``.xz`` in bikd's embedded sets); missing ones give
+    empty maps."""
     root = dataset_dir(name_or_path, path)
     opts = dict(storage_options or {})
 
     def present(fname: str) -> str | None:
-        url = join_url(root, fname)
+        url = join_url(root, _file_name(name_or_path, fname))
         return url if url_exists(url, opts) else None
 
     entities = {}
@@ -106,7 +126,9 @@ def load_text(name_or_path: str, *, path: str | None = None, storage_options: Ma
 class DataConfig:
     """Which KG a job reads. One way to name each kind of KG:
 
-    - an embedded set: ``dataset: nations | kinships | umls`` (the default, umls, when neither key is set);
+    - an embedded set: ``dataset: nations | kinships | umls`` (the default, umls, when neither key is set),
+      or ``dataset: fb15k237_slice`` (about 2,000 FB15k-237 entities with names, descriptions, relation text
+      and Wikidata aliases; shipped in the bikd package);
     - FB15k-237: ``dataset: fb15k237`` with its folder in ``path`` (or $BIKD_FB15K237_DIR / $BIKD_DATA_DIR);
     - a KG of your own: ``path: <folder URL>`` alone (local, ``file://``, ``s3://``), holding train.txt,
       valid.txt and test.txt; the run is labelled with the folder's name.
@@ -114,7 +136,7 @@ class DataConfig:
     A key that would be ignored is an error (``path`` with an embedded set; a folder in ``dataset``).
     """
 
-    #: nations, kinships, umls or fb15k237; null: umls, or the KG at ``path``
+    #: nations, kinships, umls, fb15k237 or fb15k237_slice; null: umls, or the KG at ``path``
     dataset: str | None = None
     #: folder URL of fb15k237, or of a KG of your own (then leave ``dataset`` unset)
     path: str | None = None
@@ -124,17 +146,21 @@ class DataConfig:
     def __post_init__(self):
         if self.dataset is not None:
             key = _dataset_key(self.dataset)
-            if key not in PYKEEN_EMBEDDED + ("fb15k237",):
+            if key not in _KNOWN_KEYS:
                 if "/" in self.dataset or "\\" in self.dataset or os.path.exists(self.dataset):
                     raise ValueError(f"data.dataset names a built-in dataset ({', '.join(KNOWN_DATASETS)}), got the "
                                      f"location {self.dataset!r}: put a KG of your own in data.path instead")
-                close = difflib.get_close_matches(key, KNOWN_DATASETS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
+                hint = f" (did you mean {_KNOWN_KEYS[close[0]]!r}?)" if close else ""
                 raise ValueError(f"data.dataset {self.dataset!r} is not a built-in dataset{hint}; expected one of "
                                  f"{', '.join(KNOWN_DATASETS)}, or leave it unset and put a KG folder in data.path")
             if key in PYKEEN_EMBEDDED and self.path is not None:
                 raise ValueError(f"data.path {self.path!r} would be ignored: data.dataset {self.dataset!r} is embedded "
                                  f"(PyKEEN's wheel). Drop data.dataset to train on the KG at data.path, or drop data.path")
+            if key in _BIKD_EMBEDDED_KEYS and self.path is not None:
+                raise ValueError(f"data.path {self.path!r} would be ignored: data.dataset {self.dataset!r} is embedded "
+                                 f"(shipped in the bikd package). Drop data.dataset to train on the KG at data.path, "
+                                 f"or drop data.path")
         if self.path is not None and not self.path.strip():
             raise ValueError("data.path is empty")
 
@@ -142,7 +168,7 @@ class DataConfig:
     def name(self) -> str:
         """The run's label: the built-in set's name, else the KG folder's name."""
         if self.dataset is not None:
-            return _dataset_key(self.dataset)
+            return _KNOWN_KEYS[_dataset_key(self.dataset)]
         if self.path is not None:
             return posixpath.basename(self.path.rstrip("/")) or self.path
         return "umls"

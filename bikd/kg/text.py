@@ -2,7 +2,8 @@
 
 Entity linking (names, aliases) and triple verbalisation read these; the formats are the ones of the
 public FB15k-237 text files: ``mid<TAB>Name -- description``, ``mid<TAB>Name``, ``relation<TAB>text``, and
-``entity2wikidata.json`` mapping mid -> {wikidata_id, label, alternatives, description, wikipedia}.
+``entity2wikidata.json`` mapping mid -> {wikidata_id, label, alternatives, description, wikipedia}. A file
+whose name ends in ``.gz`` or ``.xz`` is decompressed as it is read (``bikd.kg.triples.open_data``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Mapping
 
-from bikd.kg.triples import KGDataError, decode_line, strip_bom
-from bikd.storage import open_url
+from bikd.kg.triples import KGDataError, decode_line, open_data, strip_bom
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class WikidataEntry:
 def _read_two_columns(url: str, storage_options: Mapping | None) -> dict[str, str]:
     """``key<TAB>value`` lines; the value may itself hold tabs only if escaped, so exactly 2 columns."""
     out: dict[str, str] = {}
-    with open_url(url, "rb", dict(storage_options or {})) as f:
+    with open_data(url, storage_options) as f:
         for lineno, raw in enumerate(f, start=1):
             # a kept BOM would make the first id '\ufeff/m/...', which no triple names
             line, _ = strip_bom(decode_line(url, lineno, raw).rstrip("\r\n"))
@@ -65,7 +65,7 @@ def load_relation_text(url: str, storage_options: Mapping | None = None) -> dict
 
 
 def load_wikidata(url: str, storage_options: Mapping | None = None) -> dict[str, WikidataEntry]:
-    with open_url(url, "rb", dict(storage_options or {})) as f:
+    with open_data(url, storage_options) as f:
         try:
             # utf-8-sig: json.loads refuses a str that starts with a BOM ("Unexpected UTF-8 BOM")
             data = json.loads(f.read().decode("utf-8-sig"))

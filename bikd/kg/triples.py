@@ -1,6 +1,7 @@
 """Triples from TSV files, id maps, and train/valid/test splits that share one id map.
 
-Files are read through fsspec (local paths, ``file://``, ``s3://``). A line is ``head<TAB>relation<TAB>tail``;
+Files are read through fsspec (local paths, ``file://``, ``s3://``), a ``.gz`` or ``.xz`` name decompressed
+(:func:`open_data`). A line is ``head<TAB>relation<TAB>tail``;
 CRLF line ends, blank lines, ``#`` comments, a UTF-8 byte-order mark and whitespace around a column are
 tolerated, and everything the loader drops, strips or merges is counted (:meth:`KGSplits.load_counts`), so a
 run's output says what it did to the file. Every problem is reported as a :class:`KGDataError` naming the
@@ -9,8 +10,12 @@ file, the line, the offending text and what was expected.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import lzma
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Mapping, Sequence
+from typing import IO, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -52,6 +57,27 @@ def decode_line(url: str, lineno: int, raw: bytes) -> str:
         raise KGDataError(url, lineno, f"not valid UTF-8 at byte {e.start}{hint}", raw[:80].decode("utf-8", "replace")) from None
 
 
+_COMPRESSED = {".gz": ("gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), ".xz": ("xz", lambda f: lzma.LZMAFile(f, "rb"))}
+
+
+@contextlib.contextmanager
+def open_data(url: str, storage_options: Mapping | None = None) -> Iterator[IO[bytes]]:
+    """A data file opened for reading bytes; a name ending in ``.gz`` or ``.xz`` is decompressed on the fly
+    (the embedded ``fb15k237_slice`` ships so), anything else is read as it is. A corrupt compressed file
+    is a KGDataError naming it."""
+    suffix = next((s for s in _COMPRESSED if url.endswith(s)), None)
+    with open_url(url, "rb", dict(storage_options or {})) as f:
+        if suffix is None:
+            yield f
+            return
+        fmt, wrap = _COMPRESSED[suffix]
+        try:
+            with wrap(f) as g:
+                yield g
+        except (gzip.BadGzipFile, lzma.LZMAError, zlib.error, EOFError) as e:
+            raise KGDataError(url, None, f"not a readable {fmt} file: {e}") from None
+
+
 @dataclass(frozen=True)
 class RawTriples:
     """Label triples of one file in file order, with the 1-based line number each came from.
@@ -83,7 +109,7 @@ def read_triples(url: str, storage_options: Mapping | None = None) -> RawTriples
     # labels some field spelled exactly, and label -> {padded spelling: first line} for the others
     exact: tuple[set[str], set[str]] = (set(), set())
     padded: tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]] = ({}, {})
-    with open_url(url, "rb", dict(storage_options or {})) as f:
+    with open_data(url, storage_options) as f:
         for lineno, raw in enumerate(f, start=1):
             line, had_bom = strip_bom(decode_line(url, lineno, raw).rstrip("\r\n"))
             bom_stripped += had_bom

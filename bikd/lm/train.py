@@ -42,7 +42,7 @@ from bikd.storage import Storage
 
 __all__ = ["TINY", "linker_for", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
            "load_kg_table", "build_linker", "build_task_data", "evaluate_task", "state_digest",
-           "export_fused", "load_fused", "load_fused_tokenizer", "default_squad_path"]
+           "export_fused", "load_fused", "load_fused_tokenizer", "read_export_files", "default_squad_path"]
 
 #: ``encoder.name_or_path`` of the small random BERT of :func:`bikd.lm.encoder.tiny_bert` (tests, smoke runs)
 TINY = ENCODER_TINY  # kept for callers that import it from here
@@ -319,6 +319,11 @@ def _read_export(source: str | Storage) -> tuple[Storage, dict, dict[str, bytes]
     for name, sha in manifest["sha256"].items():
         files[name] = read_listed(storage, name, sha, listed_in=storage.url_of(MANIFEST), error=ExportError)
     return storage, manifest, files
+
+
+def read_export_files(source: str | Storage) -> dict[str, bytes]:
+    """Every file of a complete export by name, checksums checked (ExportError otherwise)."""
+    return _read_export(source)[2]
 
 
 def _encoder_dir(files: Mapping[str, bytes], tmp: str) -> str:

@@ -38,7 +38,9 @@ LOSSES = ("loss", "task_loss", "kd_entity_loss", "kd_relation_loss")
 class TrainConfig:
     """``batch_size`` per worker; ``steps`` (optimizer steps) or, when null, ``epochs`` over the train rows.
     AdamW with linear warmup over ``warmup_steps`` then linear decay to 0. ``eval_every``/``checkpoint_every``/
-    ``log_every`` in steps (eval and checkpoint also after the last step; null eval_every: only then)."""
+    ``log_every`` in steps (eval and checkpoint also after the last step; null eval_every: only then).
+    ``schedule_steps``: the LR schedule's length when a run is continued in parts (the bidirectional driver
+    trains ``steps`` = r x steps-per-round in round r, on one schedule); null: the run's own length."""
 
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -51,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         if not self.lr > 0 or self.weight_decay < 0:
@@ -58,7 +61,7 @@ class TrainConfig:
         for key in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "eval_every"):
+        for key in ("steps", "eval_every", "schedule_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
         if self.warmup_steps < 0:

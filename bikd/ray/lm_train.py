@@ -288,7 +288,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     lm = parts.model
     total = cfg.train.steps or cfg.train.epochs * parts.train_data.num_batches(cfg.train.batch_size)
     bf16 = cfg.deepspeed.bf16 is True or (cfg.deepspeed.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    ds = deepspeed_config(cfg, total_steps=total, bf16=bf16, persist_numel=max(p.numel() for p in lm.conditional_parameters()))
+    ds = deepspeed_config(cfg, total_steps=cfg.train.schedule_steps or total, bf16=bf16, persist_numel=max(p.numel() for p in lm.conditional_parameters()))
     engine, *_ = deepspeed.initialize(model=lm, model_parameters=[p for p in lm.parameters() if p.requires_grad], config=ds)
     trainer = LMTrainer(lm, engine, parts.train_data, parts.eval_data, cfg.train, task=cfg.task.name, device=device, bf16=bf16)
     feed = TableFeed(cfg.exchange, table, rank) if cfg.exchange.actor else None

@@ -1,0 +1,62 @@
+"""The bidirectional job: KG embeddings (sharded on Ray) and a fused LM (DeepSpeed under Ray Train) trained in
+rounds that exchange embeddings (KG -> LM) and mined triples (LM -> KG), in one resumable run directory.
+
+    python jobs/bikd_full.py                                   # the embedded default, a few rounds
+    python jobs/bikd_full.py --directions kg2lm --set run_dir=runs/bikd_kg2lm
+    python jobs/bikd_full.py --config my.yaml --set loop.rounds=10
+
+``--directions none|kg2lm|both`` is the three-row ablation (each side alone / snapshots to the LM / both ways).
+Rerunning with the same ``run_dir`` resumes after the last completed round; a finished run does nothing.
+Per-round metrics go to ``<run_dir>/metrics.jsonl``. Joins the Ray cluster at $RAY_ADDRESS, else starts a
+local one. See bikd/driver.py for one round's steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import ray
+
+from bikd.cli import job_parser, parse_job_config, run_main, set_num_threads
+from bikd.config import dump_yaml
+from bikd.driver import BikdConfig, Driver, required_cpus, validate
+
+
+def start_ray(cfg: BikdConfig) -> None:
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:  # every side's actors hold their CPUs for the whole run: reserve what they ask for
+        need = math.ceil(sum(required_cpus(cfg).values()))
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, need))
+
+
+def full(cfg: BikdConfig) -> int:
+    print(dump_yaml(cfg))
+    print(f"torch threads: {set_num_threads(cfg.num_threads)}")
+    start_ray(cfg)
+    try:
+        validate(cfg)  # the resource split against the cluster, before any actor starts
+        print("resources: " + ", ".join(f"{k} {v:g} CPUs" for k, v in required_cpus(cfg).items()), flush=True)
+        final = Driver(cfg, log=lambda line: print(line, flush=True)).run()
+    finally:
+        ray.shutdown()
+    test = final.get("kg_test", {})
+    print(f"done after round {final['round']} ({final['stopped_by']}); KG store version {final['kg_version']}; "
+          f"KG test (filtered): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    print(f"metrics: {cfg.run_dir}/metrics.jsonl")
+    return 0
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--directions", choices=("none", "kg2lm", "both"), help="which way knowledge flows")
+    args, cfg = parse_job_config(parser, BikdConfig)
+    if args.directions:
+        cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, directions=args.directions))
+    run_main(lambda: full(cfg), args.debug)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""jobs/bikd_full.py end to end on a tiny KG with text (tiny encoder, 2 rounds, sync mode): the driver killed
+with SIGKILL mid-round and rerun ends in the same state as an uninterrupted run (KG store versions, KGE
+snapshots, LM export, per-round metrics), and ``--directions none`` mines nothing and never fuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bikd.kg.store import KGStore
+from bikd.storage import Storage
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+COUNTRIES = ["France", "Germany", "Italy", "Spain", "Poland", "Austria", "Belgium", "Portugal"]
+CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Warsaw", "Vienna", "Brussels", "Lisbon"]
+
+
+def write_kg(root: Path) -> Path:
+    """16 entities, 3 relations, descriptions that mention each other (the text the miner reads)."""
+    kg = root / "tiny_kg"
+    kg.mkdir()
+    mid = {n: f"/m/{n.lower()}" for n in COUNTRIES + CITIES}
+    triples = []
+    for i, (city, country) in enumerate(zip(CITIES, COUNTRIES)):
+        triples.append((mid[city], "capital_of", mid[country]))
+        triples.append((mid[city], "located_in", mid[country]))
+        triples.append((mid[country], "borders", mid[COUNTRIES[(i + 1) % len(COUNTRIES)]]))
+    valid, test = [triples[4], triples[11]], [triples[7], triples[16]]
+    train = [t for t in triples if t not in valid + test]
+    for split, rows in (("train", train), ("valid", valid), ("test", test)):
+        (kg / f"{split}.txt").write_text("".join(f"{h}\t{r}\t{t}\n" for h, r, t in rows))
+    lines = []
+    for i, (city, country) in enumerate(zip(CITIES, COUNTRIES)):
+        nxt = COUNTRIES[(i + 1) % len(COUNTRIES)]
+        lines.append(f"{mid[city]}\t{city} -- {city} is the capital of {country} and lies in {country}, far from {CITIES[i - 1]}.")
+        lines.append(f"{mid[country]}\t{country} -- {country} borders {nxt}; its capital is {city}.")
+    (kg / "entity2text.txt").write_text("\n".join(lines) + "\n")
+    return kg
+
+
+TINY = [
+    "kge.model.name=distmult", "kge.model.dim=8", "kge.batch_size=16", "kge.sampler.num_negatives=4",
+    "kge.sampler.chunk_size=4", "kge_dist.cpus_per_trainer=0.5", "valid_limit=null",
+    "lm.encoder.name_or_path=tiny", "lm.encoder.attn_implementation=eager", "lm.fusion.layers=[0]",
+    "lm.kd.num_sampled_candidates=4", "lm.task.max_train=8", "lm.task.max_eval=4", "lm.task.link=true",
+    "lm.task.triple_cls.max_length=32", "lm.train.batch_size=2", "lm.train.lr=0.001", "lm.train.log_every=2",
+    "lm.num_workers=1", "lm.cpus_per_worker=1.0",
+    "loop.rounds=2", "loop.kge_epochs_per_round=1", "loop.lm_steps_per_round=3",
+    "mine.extractor.max_length=32", "mine.extractor.batch_size=8", "mine.num_calib_pairs=2",
+    "mine.scoring.num_actors=1", "mine.scoring.num_cpus=0.5", "mine.mining.thresholds.mode=top_k",
+    "mine.mining.thresholds.top_k=2", "mine.mining.candidates.max_candidates=60", "num_threads=1",
+]
+
+
+def command(kg: Path, run_dir: Path, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
+    args = [sys.executable, str(REPO / "jobs" / "bikd_full.py"), *flags]
+    for o in (f"data.path={kg}", f"run_dir={run_dir}", *TINY, *extra):
+        args += ["--set", o]
+    return args
+
+
+def env() -> dict:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def run(kg: Path, run_dir: Path, *extra: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    out = subprocess.run(command(kg, run_dir, *extra, flags=flags), capture_output=True, text=True, cwd=REPO, env=env(), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def state(run_dir: Path) -> dict:
+    """What a finished run leaves: KG versions and their mined triples, snapshot and LM export checksums,
+    per-round metrics without timings."""
+    store = KGStore(Storage(str(run_dir / "kg")))
+    mined = sorted((m.head, m.relation, m.tail, round(m.provenance.confidence, 6)) for m in store.read().mined)
+    snaps = {p.parent.name: json.loads(p.read_text())["sha256"] for p in sorted((run_dir / "kge" / "snapshots").glob("*/model.json"))}
+    lm = {p.parent.name: json.loads(p.read_text())["sha256"] for p in sorted((run_dir / "lm" / "exports").glob("*/manifest.json"))}
+    timing = ("seconds", "per_s", "wall_s")
+    rows = [{k: v for k, v in json.loads(line).items() if not any(t in k for t in timing)}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"versions": [(v.version, v.kind, v.num_mined) for v in store.versions()], "mined": mined,
+            "snapshots": snaps, "lm": lm, "metrics": rows}
+
+
+@pytest.fixture(scope="module")
+def kg(tmp_path_factory) -> Path:
+    return write_kg(tmp_path_factory.mktemp("bikd"))
+
+
+def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_path):
+    whole = run(kg, tmp_path / "whole")
+    assert "round 2: mined" in whole.stdout and "done after round 2" in whole.stdout
+    expected = state(tmp_path / "whole")
+    assert [v[1] for v in expected["versions"]] == ["gold", "mined", "mined"], expected["versions"]
+    assert expected["metrics"][1]["kge_added_triples"] > 0  # round 2's KGE trained on round 1's mined triples
+    assert [r["kg_table_version"] for r in expected["metrics"]] == [1, 2]  # the LM fused each round's snapshot
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(kg, killed), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "progress.json").exists():  # round 1 complete
+        assert proc.poll() is None and time.monotonic() < deadline, "the driver ended before round 1 completed"
+        time.sleep(0.2)
+    time.sleep(3.0)  # into round 2
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started, at once
+    proc.wait()
+    resumed = run(kg, killed)
+    assert "resuming" in resumed.stdout and "after round 1" in resumed.stdout
+    assert state(killed) == expected
+    again = run(kg, killed)  # a finished run does nothing
+    assert "nothing to do" in again.stdout and state(killed) == expected
+
+
+def test_directions_none_mines_nothing_and_never_fuses(kg, tmp_path):
+    out = run(kg, tmp_path / "none", flags=("--directions", "none"))
+    got = state(tmp_path / "none")
+    assert [v[1] for v in got["versions"]] == ["gold"] and not got["mined"]
+    assert all(r["kg_table_version"] == 1 and r["kg_staleness"] is None for r in got["metrics"])
+    assert "eval_nokg_accuracy" in got["metrics"][0] and "done after round 2" in out.stdout
