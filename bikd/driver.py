@@ -51,6 +51,7 @@ from bikd.ray.exchange import ExchangeConfig, TableOffer, exchange_actor
 from bikd.ray.kge import DistConfig, ShardedKGE
 from bikd.ray.lm_train import LMJobConfig, run as run_lm, validate as validate_lm
 from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
+from bikd.report import write_report, write_tensorboard
 from bikd.runs import RunDir
 from bikd.storage import Storage, join_url
 
@@ -112,12 +113,16 @@ class BikdConfig:
     kg_eval: EvalConfig = field(default_factory=EvalConfig)
     #: valid triples ranked per round (a seeded sample; null: all); test is ranked once, at the end
     valid_limit: int | None = 1000
+    #: valid triples in the LM's cloze probe ("<head> <relation text> [MASK]."), per round
+    probe_limit: int = 300
     lm: LMJobConfig = field(default_factory=LMJobConfig)
     mine: MineSideConfig = field(default_factory=MineSideConfig)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     num_threads: int | None = None
 
     def __post_init__(self):
+        if self.probe_limit < 1:
+            raise ValueError(f"probe_limit must be >= 1, got {self.probe_limit}")
         if self.valid_limit is not None and self.valid_limit < 1:
             raise ValueError(f"valid_limit must be >= 1 or null, got {self.valid_limit}")
         if self.loop.mode == "sync" and self.kge_dist.mode != "sync":
@@ -198,6 +203,13 @@ class Driver:
     def _append_metrics(self, row: dict) -> None:
         rows = [r for r in self._metrics_lines() if r["round"] < row["round"]] + [row]  # a redone round replaces its line
         self.storage.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        self._write_report(rows)
+
+    def _write_report(self, rows: list[dict], final: dict | None = None) -> None:
+        loop = self.cfg.loop
+        title = f"bikd run {self.rundir.url}: {self.cfg.data.name}, directions {loop.directions}, {loop.mode} mode"
+        write_report(self.storage, rows, title=title, final=final)
+        write_tensorboard(self.storage, rows)
 
     def _kg_valid_mrr(self, kge: ShardedKGE, snapshot) -> float:
         valid = self.kg.valid
@@ -205,6 +217,25 @@ class Driver:
             valid = valid[torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[: self.cfg.valid_limit]]
         return evaluate(kge.model(snapshot), valid, [self.kg.train, self.kg.valid, self.kg.test], self.kg.num_relations,
                         self.cfg.kg_eval).mrr
+
+    def _probe(self, export: str) -> dict:
+        """The LM's cloze probe on valid triples, with the KG table and with it withheld."""
+        from bikd.lm.probe import cloze_facts, fused_lm_probe
+        from bikd.lm.train import load_fused, load_fused_tokenizer
+        from bikd.lm.triple_cls import TripleVerbaliser
+
+        storage = Storage(export, self.cfg.storage_options)
+        model, tokenizer = load_fused(storage), load_fused_tokenizer(storage)
+        words = TripleVerbaliser.from_kg(self.kg, text_from_config(self.cfg.data))
+        facts = cloze_facts(self.kg.valid, words.entity_names, words.relation_texts, self.kg.relations.labels,
+                            limit=self.cfg.probe_limit)
+        out = {}
+        for key, kg in (("probe_p1", True), ("probe_nokg_p1", False)):
+            try:
+                out[key] = fused_lm_probe(model, tokenizer, facts, kg=kg).p_at_1
+            except ValueError:  # no relation with two candidates among the sampled facts
+                out[key] = None
+        return out
 
     def _add_mined(self, kge: ShardedKGE) -> int:
         """The store's mined triples the KGE side has not trained on yet (versions after ``kge.kg_version``)."""
@@ -311,6 +342,7 @@ class Driver:
                     "step", "task_loss", "kd_entity_loss", "kd_relation_loss", "rows_per_s", "kg_table_version",
                     "kg_versions_behind")})
                 row["lm_step"], row["lm_seconds"] = row.pop("step"), time.perf_counter() - t0
+                row.update(self._probe(lm["export"]))
                 row["kg_staleness"] = snapshot.version - (lm.get("kg_table_version") or 0) if exchange else None
                 self.log(f"round {rnd}: LM step {row['lm_step']}, " + ", ".join(
                     f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float)))
@@ -337,6 +369,7 @@ class Driver:
             last = rows[-1]["round"] if rows else done
             final = {"round": last, "stopped_by": stop or f"{loop.rounds} rounds", "kg_version": self.store.head,
                      "kg_test": self._kg_test(kge)}
+            self._write_report(self._metrics_lines(), final)
             self.rundir.mark_finished(**final)
             return final
         finally:

@@ -134,7 +134,8 @@ The embedded default KG with text: `load_dataset("fb15k237_slice")`, `load_text(
 - Triples: every train/valid/test triple whose head and tail are both selected. Valid and test keep
   FB15k-237's own split; valid/test triples whose entity or relation never occurs in the sliced train
   are dropped here, as the loader would drop them ({dropped['valid']} valid, {dropped['test']} test).
-- Text: exactly the sliced train's entities and relations. `entity2text.txt` (`mid<TAB>Name -- description`),
+- Text: exactly the sliced train's entities and relations. `entity2text.txt` (`mid<TAB>Name -- description`;
+  every entity has a name, {counts['described']:,} have a description, as in the source),
   `relation2text.txt` (`relation<TAB>text`), `entity2wikidata.json` (mid -> `wikidata_id`, `label`,
   `alternatives` (aliases, for entity linking), `description`, `wikipedia`; {counts['wikidata']:,} of the
   {counts['entities']:,} entities have a Wikidata record). `entity2name.txt` is not shipped: the loader reads
@@ -150,6 +151,7 @@ The embedded default KG with text: `load_dataset("fb15k237_slice")`, `load_text(
 | train triples | {counts['train']:,} |
 | valid triples | {counts['valid']:,} |
 | test triples | {counts['test']:,} |
+| entities with a description | {counts['described']:,} |
 | entities with a Wikidata record | {counts['wikidata']:,} |
 | compressed data bytes (this README excluded) | {data_bytes:,} |
 
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     packed = {f"{name}.xz": xz(text.encode("utf-8")) for name, text in contents.items()}
     files = {name: (len(packed[name]), len(contents[name[:-3]].encode("utf-8"))) for name in packed}
     counts = {"entities": len(entities), "relations": len(relations), **{s: len(splits[s]) for s in SPLITS},
+              "described": sum(" -- " in entity_text[e] and bool(entity_text[e].partition(" -- ")[2].strip())
+                               for e in entities),
               "wikidata": len(wikidata)}
     sources = {n: sha256(src / n) for n in needed}
     packed["README.md"] = readme(args.num_entities, counts, dropped, files, sources).encode("utf-8")

@@ -256,3 +256,42 @@ class MaskedEntityScorer:
         if self.similarity == "cosine":
             vec, emb = torch.nn.functional.normalize(vec, dim=-1), torch.nn.functional.normalize(emb, dim=-1)
         return vec @ emb.T
+
+
+# ---- a cloze probe written from the KG itself ----------------------------------------------------------
+
+def cloze_facts(triples: torch.Tensor, entity_names: Sequence[str], relation_texts: Sequence[str], relation_labels: Sequence[str],
+                *, limit: int | None = None, seed: int = 0) -> list[ProbeFact]:
+    """Held-out triples ``(n, 3)`` as cloze facts "<head name> <relation text> [MASK]." (a KG with no probe
+    corpus of its own: the embedded default). ``limit``: a seeded sample of that many triples."""
+    if limit is not None and len(triples) > limit:
+        triples = triples[torch.randperm(len(triples), generator=torch.Generator().manual_seed(seed))[:limit]]
+    facts = []
+    for h, r, t in triples.tolist():
+        sentence = f"{entity_names[h]} {relation_texts[r]} {MASK}."
+        facts.append(ProbeFact(relation=relation_labels[r], subject=h, object=t, subject_label=entity_names[h],
+                               object_label=entity_names[t], sentences=(sentence,), subject_surfaces=(entity_names[h],),
+                               source="kg"))
+    return facts
+
+
+def fused_lm_probe(model, tokenizer, facts: Sequence[ProbeFact], *, kg: bool = True, max_length: int = 64) -> ProbeResult:
+    """P@1 of a FusedLM (bikd.lm.model) on ``facts``: its entity-alignment projection at the mask against the
+    candidates' rows of its KG table. ``kg=False`` withholds the table from the encoder (the subject is not
+    fused): what the LM's own weights point at."""
+    table = model.table
+    if table is None:
+        raise ValueError("the probe compares against the KG table: the model has none")
+
+    def mention_vector(batch):
+        hidden = model.fused(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                             token_entity=batch["token_entity"] if kg else None).last_hidden_state
+        return model.entity_proj(hidden[torch.arange(len(hidden)), batch["mask_positions"]])
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return evaluate_probe(facts, MaskedEntityScorer(tokenizer, mention_vector, table.entity, max_length=max_length))
+    finally:
+        model.train(was)
