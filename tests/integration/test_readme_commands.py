@@ -15,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 #: what each job gets appended to the README's command so that the whole list runs in a few minutes
 BUDGET = {
+    "bikd_full.py": ["loop.rounds=1", "loop.kge_epochs_per_round=1", "loop.lm_steps_per_round=2", "valid_limit=100",
+                     "probe_limit=40", "lm.encoder.name_or_path=tiny", "lm.encoder.attn_implementation=eager",
+                     "lm.fusion.layers=[1]", "lm.kd.num_sampled_candidates=8", "lm.task.max_train=16", "lm.task.max_eval=8",
+                     "lm.train.batch_size=4", "lm.train.eval_batch_size=16", "mine.extractor.max_length=32",
+                     "mine.extractor.max_train_pairs=64", "mine.num_calib_pairs=32",
+                     "mine.mining.candidates.max_candidates=200", "mine.scoring.num_cpus=0.5"],
     "kg_demo.py": ["train.epochs=1"],
     "kge_train.py": ["train.epochs=1", "eval_every=1", "valid_limit=200"],
     "lm_train.py": ["encoder.name_or_path=tiny", "encoder.attn_implementation=eager", "fusion.layers=[1]",
@@ -38,14 +44,14 @@ def argv(command: str) -> list[str]:
     words = shlex.split(command)
     if words[:2] == ["make", "demo"]:
         extra = [w.split("=", 1)[1] for w in words[2:] if w.startswith("ARGS=")]
-        return [sys.executable, "jobs/kg_demo.py", *(shlex.split(extra[0]) if extra else [])]
+        return [sys.executable, "jobs/bikd_full.py", *(shlex.split(extra[0]) if extra else [])]
     assert words[0] == ".venv/bin/python", command
     return [sys.executable, *words[1:]]
 
 
 def test_the_readme_shows_every_job():
     jobs = {Path(argv(c)[1]).name for c in readme_commands()}
-    assert jobs == {"kg_demo.py", "kge_train.py", "lm_train.py", "train_extractor.py", "mine.py"}, readme_commands()
+    assert jobs == {"bikd_full.py", "kg_demo.py", "kge_train.py", "lm_train.py", "train_extractor.py", "mine.py"}, readme_commands()
 
 
 @pytest.mark.slow
@@ -67,5 +73,5 @@ def test_every_readme_command_runs_as_written(tmp_path, fb15k237_dir):
         result = subprocess.run(args, capture_output=True, text=True, cwd=project, env=env, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert sorted(p.name for p in (project / "runs").iterdir()) == [
-        "extractor_fb15k237", "kg_demo", "kg_demo_nations", "kg_fb15k237", "kge_fb15k237_transe", "kge_umls",
+        "bikd", "bikd_kg2lm", "extractor_fb15k237", "kg_demo", "kg_demo_nations", "kg_fb15k237", "kge_fb15k237_transe", "kge_umls",
         "kge_umls_local", "lm_umls", "lm_umls_z3"]
