@@ -12,12 +12,18 @@ One round, ``sync`` mode (alternating, reproducible on CPU):
           candidates on the mining pool; the accepted triples are committed as one KG store version
     record  metrics.jsonl, progress.json (the last completed round), report
 
+``async`` mode (the default): both sides run at once in driver threads, each at its own pace. The KGE side
+runs its rounds back to back (adding whatever has been mined by then, publishing after each); the LM side
+runs its rounds back to back, polling the exchange every ``exchange.lm_poll_steps`` steps and swapping in the
+newest snapshot mid-round; each finished LM round is mined on the newest snapshot while both sides go on.
+Staleness (snapshot versions between the newest and the one the LM used) is recorded per round.
+
 ``--directions``: ``none`` (each side alone: the LM never sees the KG, nothing is mined), ``kg2lm`` (snapshots
 flow to the LM), ``both``. Stopping: ``loop.rounds``, ``loop.time_budget_s``, or a plateau of
 ``loop.plateau_metric`` (no gain of ``plateau_min_delta`` in ``plateau_patience`` rounds).
 
 Resume: a rerun with the same run_dir continues after the last completed round: the KGE side restores the
-checkpoint that round wrote and re-adds the store's later mined triples, the LM side resumes from its
+checkpoint that round wrote (async: its newest) and re-adds the store's later mined triples, the LM side resumes from its
 checkpoint (fusing the snapshot version it recorded), and a round whose mining commit landed before the
 kill is not mined twice. Every file appears atomically (manifest last), so no KG version is lost or doubled.
 """
@@ -28,8 +34,11 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -41,8 +50,18 @@ from bikd.config import to_dict
 from bikd.eval import EvalConfig, evaluate
 from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
 from bikd.kg.store import KGStore, KGVersion
+from bikd.kge.losses import LossConfig
+from bikd.kge.models import ModelConfig
+from bikd.kge.optim import SparseOptimConfig
+from bikd.kge.sampling import NegativeSamplerConfig
 from bikd.kge.training import KGETrainConfig
 from bikd.lm.extractor import ExtractorConfig
+from bikd.lm.fusion import FusionConfig
+from bikd.lm.kd import KDConfig
+from bikd.lm.train import TaskConfig
+from bikd.lm.trainer import TrainConfig
+from bikd.lm.triple_cls import TripleClsConfig
+from bikd.mining.candidates import CandidateConfig
 from bikd.mining.candidates import generate
 from bikd.mining.extract import encoder_from_export, fit_extractor
 from bikd.mining.inputs import link_text
@@ -50,6 +69,8 @@ from bikd.mining.round import MiningConfig, known_triples, run_round
 from bikd.ray.exchange import ExchangeConfig, TableOffer, exchange_actor
 from bikd.ray.kge import DistConfig, ShardedKGE
 from bikd.ray.lm_train import LMJobConfig, run as run_lm, validate as validate_lm
+from bikd.kge.export import load_embeddings
+from bikd.ray.messages import Snapshot, snapshot_prefix
 from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
 from bikd.report import write_report, write_tensorboard
 from bikd.runs import RunDir
@@ -60,10 +81,10 @@ __all__ = ["LoopConfig", "MineSideConfig", "BikdConfig", "validate", "required_c
 
 @dataclass(kw_only=True, frozen=True)
 class LoopConfig:
-    mode: Literal["sync"] = "sync"
+    mode: Literal["async", "sync"] = "async"
     directions: Literal["none", "kg2lm", "both"] = "both"
     rounds: int = 3
-    kge_epochs_per_round: int = 2
+    kge_epochs_per_round: int = 5
     lm_steps_per_round: int = 40
     #: stop after the round during which this many seconds have passed (null: no budget)
     time_budget_s: float | None = None
@@ -73,8 +94,8 @@ class LoopConfig:
     plateau_min_delta: float = 0.001
 
     def __post_init__(self):
-        if self.mode not in ("sync",):
-            raise ValueError(f"loop.mode must be 'sync' (async is not built yet), got {self.mode!r}")
+        if self.mode not in ("async", "sync"):
+            raise ValueError(f"loop.mode must be 'async' or 'sync', got {self.mode!r}")
         if self.directions not in ("none", "kg2lm", "both"):
             raise ValueError(f"loop.directions must be none, kg2lm or both, got {self.directions!r}")
         for key in ("rounds", "kge_epochs_per_round", "lm_steps_per_round"):
@@ -102,21 +123,47 @@ class MineSideConfig:
     precision_at: int = 100
 
 
+def _default_kge() -> KGETrainConfig:
+    """TransE as tuned for FB15k-237 (configs/kge_fb15k237_transe.yaml), at dim 64 for the 2,000-entity slice."""
+    return KGETrainConfig(model=ModelConfig(name="transe", dim=64, p=2, init_scale=0.125, normalize_entities=False),
+                          sampler=NegativeSamplerConfig(num_negatives=128, chunk_size=128),
+                          loss=LossConfig(name="self_adversarial", margin=6.0, adversarial_temperature=1.0),
+                          optimizer=SparseOptimConfig(name="rowwise_adagrad", lr=0.2), batch_size=1024)
+
+
+def _default_lm() -> LMJobConfig:
+    """MiniLM with the KG fused after layer 3, KD on, triple classification of the slice; one worker
+    with both cores (sync mode runs one side at a time)."""
+    return LMJobConfig(
+        fusion=FusionConfig(layers=(3,), gate_init=0.1), kd=KDConfig(entity_weight=0.1, relation_weight=0.1, num_sampled_candidates=64),
+        task=TaskConfig(link=True, max_train=600, max_eval=200, triple_cls=TripleClsConfig(max_length=48)),
+        train=TrainConfig(lr=1e-4, warmup_steps=10, batch_size=16, eval_batch_size=64, log_every=10),
+        num_workers=1, cpus_per_worker=2.0)
+
+
+def _default_mine() -> MineSideConfig:
+    return MineSideConfig(extractor=ExtractorConfig(max_length=64, max_train_pairs=2000, batch_size=16),
+                          num_calib_pairs=300, mining=MiningConfig(candidates=CandidateConfig(max_candidates=2000)),
+                          scoring=ScoringConfig(num_actors=1, num_cpus=2.0))
+
+
 @dataclass(kw_only=True, frozen=True)
 class BikdConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    """The defaults run the whole loop on the embedded FB15k-237 slice in a few minutes on 2 CPU cores."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="fb15k237_slice"))
     run_dir: str = "runs/bikd"
     storage_options: dict[str, Any] = field(default_factory=dict)
     loop: LoopConfig = field(default_factory=LoopConfig)
-    kge: KGETrainConfig = field(default_factory=KGETrainConfig)
+    kge: KGETrainConfig = field(default_factory=_default_kge)
     kge_dist: DistConfig = field(default_factory=lambda: DistConfig(num_parts=1, mode="sync"))
     kg_eval: EvalConfig = field(default_factory=EvalConfig)
     #: valid triples ranked per round (a seeded sample; null: all); test is ranked once, at the end
     valid_limit: int | None = 1000
     #: valid triples in the LM's cloze probe ("<head> <relation text> [MASK]."), per round
     probe_limit: int = 300
-    lm: LMJobConfig = field(default_factory=LMJobConfig)
-    mine: MineSideConfig = field(default_factory=MineSideConfig)
+    lm: LMJobConfig = field(default_factory=_default_lm)
+    mine: MineSideConfig = field(default_factory=_default_mine)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     num_threads: int | None = None
 
@@ -147,8 +194,10 @@ def lm_side(cfg: BikdConfig, rnd: int, base_snapshot: str) -> LMJobConfig:
     exchange = dataclasses.replace(cfg.exchange, actor=None)
     if loop.directions == "none":  # the plain LM: no links, so no fusion and no KD
         task, kd = dataclasses.replace(task, link=False), dataclasses.replace(kd, entity_weight=0.0, relation_weight=0.0)
-    else:  # polled at the round's first step: the snapshot of this round
+    elif loop.mode == "sync":  # polled at the round's first step: the snapshot of this round
         exchange = dataclasses.replace(cfg.exchange, lm_poll_steps=math.gcd(cfg.exchange.lm_poll_steps, loop.lm_steps_per_round))
+    else:
+        exchange = cfg.exchange
     return dataclasses.replace(
         lm, data=cfg.data, train=train, task=task, kd=kd, exchange=exchange,
         kg=dataclasses.replace(lm.kg, export=base_snapshot), storage_path=join_url(cfg.run_dir, "lm"), name="ckpt",
@@ -158,13 +207,13 @@ def lm_side(cfg: BikdConfig, rnd: int, base_snapshot: str) -> LMJobConfig:
 def validate(cfg: BikdConfig) -> BikdConfig:
     """Everything checkable before an actor starts (ValueError): the LM side's files and layers, the resource
     split against the cluster (Ray initialised)."""
-    validate_lm(dataclasses.replace(cfg.lm, data=cfg.data, exchange=dataclasses.replace(cfg.exchange, actor=None)))
     need = required_cpus(cfg)
     # sync: one side runs at a time, but every side's actors hold their CPUs for the whole run
     have = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else math.inf
     if sum(need.values()) > have:
         raise ValueError("resource split " + ", ".join(f"{k} {v:g} CPUs" for k, v in need.items())
                          + f" needs {sum(need.values()):g} CPUs; the Ray cluster has {have:g}")
+    validate_lm(dataclasses.replace(cfg.lm, data=cfg.data, exchange=dataclasses.replace(cfg.exchange, actor=None)))
     return cfg
 
 
@@ -295,6 +344,46 @@ class Driver:
         best_before = max(values[: -loop.plateau_patience])
         return max(values[-loop.plateau_patience:]) < best_before + loop.plateau_min_delta
 
+    # ---- one round of each side ----------------------------------------------------------------------
+    def _kge_round(self, kge: ShardedKGE, exchange) -> tuple[dict, Any, str]:
+        """Add the newly mined triples, train, publish (export + exchange), checkpoint, evaluate."""
+        loop, t0 = self.cfg.loop, time.perf_counter()
+        added = self._add_mined(kge) if loop.directions == "both" else 0
+        losses = [kge.train_epoch() for _ in range(loop.kge_epochs_per_round)]
+        snapshot, ref = kge.publish(self.storage.child("kge"), list(self.kg.entities.labels), list(self.kg.relations.labels))
+        name = kge.checkpoint(self.storage.child("kge/ckpt"))
+        if exchange is not None:
+            ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ref,), epoch=kge.epoch)))
+        row = {"kge_added_triples": added, "kge_epoch": kge.epoch, "kge_loss": losses[-1]["loss"],
+               "kge_triples_per_s": float(np.median([x["triples_per_s"] for x in losses])), "kge_seconds": time.perf_counter() - t0,
+               "kg_snapshot_version": snapshot.version, "kg_valid_mrr": self._kg_valid_mrr(kge, snapshot)}
+        self.log(f"KGE epoch {kge.epoch}: loss {row['kge_loss']:.4f}, snapshot {snapshot.version}, valid MRR {row['kg_valid_mrr']:.4f}")
+        return row, snapshot, name
+
+    def _lm_round(self, cfg: BikdConfig, rnd: int) -> tuple[dict, str]:
+        """Train the LM to the end of round ``rnd`` (resuming), then probe its export. Returns (row, export)."""
+        t0 = time.perf_counter()
+        lm = run_lm(lm_side(cfg, rnd, self.storage.url_of(f"kge/{snapshot_prefix(1)}"))).metrics
+        row = {k: lm[k] for k in lm if k.startswith("eval_") or k in (
+            "task_loss", "kd_entity_loss", "kd_relation_loss", "rows_per_s", "kg_table_version", "kg_versions_behind")}
+        row.update(lm_step=lm["step"], lm_seconds=time.perf_counter() - t0, **self._probe(lm["export"]))
+        self.log(f"round {rnd}: LM step {row['lm_step']}, " + ", ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if (k.startswith(("eval_", "probe_"))) and isinstance(v, float)))
+        return row, lm["export"]
+
+    def _close_round(self, row: dict, rows: list[dict], start: float, progress: dict) -> str | None:
+        """Record the round (metrics, report, progress); the reason to stop, if any."""
+        row["wall_s"] = time.monotonic() - start
+        self._append_metrics(row)
+        rows.append(row)
+        self.rundir.save_progress({**progress, "round": row["round"], "kg_version": self.store.head})
+        loop = self.cfg.loop
+        if loop.time_budget_s is not None and time.monotonic() - start >= loop.time_budget_s:
+            return f"time budget of {loop.time_budget_s:g} s"
+        if self._plateaued(rows):
+            return f"{loop.plateau_metric} plateaued over {loop.plateau_patience} rounds"
+        return None
+
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, loop = self.cfg, self.cfg.loop
@@ -304,68 +393,22 @@ class Driver:
         progress = self.rundir.progress() or {"round": 0}
         start, done = time.monotonic(), int(progress["round"])
         kge = ShardedKGE(self.kg.train, self.kg.num_entities, self.kg.num_relations, cfg.kge, cfg.kge_dist)
-        kge_ckpt, snaps = self.storage.child("kge/ckpt"), self.storage.child("kge")
-        if done:
-            kge.restore(kge_ckpt, progress["kge_checkpoint"])
+        kge_ckpt = self.storage.child("kge/ckpt")
+        if done or (loop.mode == "async" and ShardedKGE.latest_checkpoint(kge_ckpt)):
+            # sync: the checkpoint of the last completed round; async: the KGE side's newest
+            kge.restore(kge_ckpt, progress.get("kge_checkpoint") if loop.mode == "sync" else None)
             self.log(f"resuming {self.rundir.url} after round {done} (KGE epoch {kge.epoch}, snapshot {kge.snapshot_version}, "
                      f"KG version {self.store.head})")
         exchange = None
         if loop.directions != "none":
-            xcfg = dataclasses.replace(cfg.exchange, actor=self.exchange_name, snapshots=snaps.url,
+            xcfg = dataclasses.replace(cfg.exchange, actor=self.exchange_name, snapshots=self.storage.url_of("kge"),
                                        storage_options=cfg.storage_options)
             exchange = exchange_actor(xcfg, create=True)
             cfg = dataclasses.replace(cfg, exchange=xcfg)
-        labels = (list(self.kg.entities.labels), list(self.kg.relations.labels))
         rows = self._metrics_lines()[:done]
-        stop = None
         try:
-            for rnd in range(done + 1, loop.rounds + 1):
-                row: dict[str, Any] = {"round": rnd}
-                t0 = time.perf_counter()
-                row["kge_added_triples"] = self._add_mined(kge) if loop.directions == "both" else 0
-                losses = [kge.train_epoch() for _ in range(loop.kge_epochs_per_round)]
-                snapshot, ref = kge.publish(snaps, *labels)
-                name = kge.checkpoint(kge_ckpt)
-                kge_s = time.perf_counter() - t0
-                if exchange is not None:
-                    ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ref,), epoch=kge.epoch)))
-                row.update(kge_epoch=kge.epoch, kge_loss=losses[-1]["loss"], kge_triples_per_s=float(np.median(
-                    [x["triples_per_s"] for x in losses])), kg_snapshot_version=snapshot.version,
-                    kg_valid_mrr=self._kg_valid_mrr(kge, snapshot), kge_seconds=kge_s)
-                self.log(f"round {rnd}: KGE epoch {kge.epoch}, loss {row['kge_loss']:.4f}, valid MRR {row['kg_valid_mrr']:.4f}")
-
-                t0 = time.perf_counter()
-                lm_cfg = lm_side(cfg, rnd, snaps.url_of(f"snapshots/v{1:06d}"))
-                result = run_lm(lm_cfg)
-                lm = result.metrics
-                row.update({k: lm[k] for k in lm if k.startswith("eval_") or k in (
-                    "step", "task_loss", "kd_entity_loss", "kd_relation_loss", "rows_per_s", "kg_table_version",
-                    "kg_versions_behind")})
-                row["lm_step"], row["lm_seconds"] = row.pop("step"), time.perf_counter() - t0
-                row.update(self._probe(lm["export"]))
-                row["kg_staleness"] = snapshot.version - (lm.get("kg_table_version") or 0) if exchange else None
-                self.log(f"round {rnd}: LM step {row['lm_step']}, " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float)))
-
-                if loop.directions == "both":
-                    t0 = time.perf_counter()
-                    row.update(self._mine(rnd, lm["export"], kge, snapshot))
-                    row["mining_seconds"] = time.perf_counter() - t0
-                    self.log(f"round {rnd}: mined {row['mined']} triples -> KG version {row['kg_version']}")
-                else:
-                    row["kg_version"] = self.store.head
-                row["wall_s"] = time.monotonic() - start
-                self._append_metrics(row)
-                rows.append(row)
-                self.rundir.save_progress({"round": rnd, "kge_checkpoint": name, "kg_version": self.store.head,
-                                        "snapshot_version": snapshot.version})
-                if loop.time_budget_s is not None and time.monotonic() - start >= loop.time_budget_s:
-                    stop = f"time budget of {loop.time_budget_s:g} s"
-                elif self._plateaued(rows):
-                    stop = f"{loop.plateau_metric} plateaued over {loop.plateau_patience} rounds"
-                if stop:
-                    self.log(f"stopping after round {rnd}: {stop}")
-                    break
+            run_rounds = self._sync if loop.mode == "sync" else self._async
+            stop = run_rounds(cfg, kge, exchange, done, rows, start)
             last = rows[-1]["round"] if rows else done
             final = {"round": last, "stopped_by": stop or f"{loop.rounds} rounds", "kg_version": self.store.head,
                      "kg_test": self._kg_test(kge)}
@@ -376,6 +419,95 @@ class Driver:
             kge.shutdown()
             if exchange is not None:
                 ray.kill(exchange)
+
+    def _sync(self, cfg: BikdConfig, kge: ShardedKGE, exchange, done: int, rows: list[dict], start: float) -> str | None:
+        """Alternating rounds: KGE, then LM on its snapshot, then mining on the LM's export."""
+        for rnd in range(done + 1, cfg.loop.rounds + 1):
+            kge_row, snapshot, name = self._kge_round(kge, exchange)
+            lm_row, export = self._lm_round(cfg, rnd)
+            row = {"round": rnd, **kge_row, **lm_row,
+                   "kg_staleness": snapshot.version - (lm_row.get("kg_table_version") or 0) if exchange else None}
+            row.update(self._mining_row(rnd, export, kge, snapshot))
+            if stop := self._close_round(row, rows, start, {"kge_checkpoint": name, "snapshot_version": snapshot.version}):
+                self.log(f"stopping after round {rnd}: {stop}")
+                return stop
+        return None
+
+    def _async(self, cfg: BikdConfig, kge: ShardedKGE, exchange, done: int, rows: list[dict], start: float) -> str | None:
+        """Both sides at once, each at its own pace: the KGE side runs its rounds (publishing a snapshot after
+        each), the LM side its rounds (swapping in the newest snapshot every exchange.lm_poll_steps); each
+        finished LM round is mined, on the newest snapshot, while both go on."""
+        loop, lock, halt = cfg.loop, threading.Lock(), threading.Event()
+        newest: dict[str, Any] = {}
+        first = threading.Event()
+        lm_rounds: queue.Queue = queue.Queue()
+        if kge.snapshot_version:  # resumed: the snapshot its checkpoint published is the newest (a new exchange)
+            snapshot = self._published(kge.snapshot_version)
+            newest.update(snapshot=snapshot.version, model=snapshot)
+            if exchange is not None:
+                ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ray.put(snapshot),))))
+            first.set()
+
+        def kge_side() -> None:
+            for _ in range(kge.epoch // loop.kge_epochs_per_round, loop.rounds):
+                if halt.is_set():
+                    return
+                row, snapshot, _ = self._kge_round(kge, exchange)
+                with lock:
+                    newest.update(row=row, snapshot=snapshot.version, model=snapshot)
+                first.set()
+
+        def lm_side_loop() -> None:
+            while not first.wait(1.0):
+                if halt.is_set():
+                    return
+            for rnd in range(done + 1, loop.rounds + 1):
+                if halt.is_set():
+                    return
+                lm_rounds.put((rnd, *self._lm_round(cfg, rnd)))
+
+        with ThreadPoolExecutor(2, thread_name_prefix="bikd-side") as pool:
+            sides = [pool.submit(kge_side), pool.submit(lm_side_loop)]
+            try:
+                for rnd in range(done + 1, loop.rounds + 1):
+                    while True:  # the LM's next round, or a side's error
+                        try:
+                            got, lm_row, export = lm_rounds.get(timeout=1.0)
+                            break
+                        except queue.Empty:
+                            for f in sides:
+                                if f.done() and f.exception() is not None:
+                                    raise f.exception()
+                            if sides[1].done():
+                                raise RuntimeError("the LM side ended before its last round")
+                    assert got == rnd, (got, rnd)
+                    with lock:
+                        kge_row, version, snapshot = dict(newest.get("row", {})), newest.get("snapshot"), newest.get("model")
+                    row = {"round": rnd, **kge_row, **lm_row,
+                           "kg_staleness": version - (lm_row.get("kg_table_version") or 0) if exchange else None}
+                    row.update(self._mining_row(rnd, export, kge, snapshot))
+                    if stop := self._close_round(row, rows, start, {"snapshot_version": version}):
+                        self.log(f"stopping after round {rnd}: {stop}")
+                        return stop
+            finally:
+                halt.set()
+                for f in sides:
+                    f.result()  # an error of a side surfaces here
+        return None
+
+    def _published(self, version: int) -> Snapshot:
+        """Snapshot ``version`` as the KGE side exported it."""
+        entity, relation, *_ = load_embeddings(self.storage.child("kge"), snapshot_prefix(version))
+        return Snapshot(version=version, entity=torch.from_numpy(entity), relation=torch.from_numpy(relation))
+
+    def _mining_row(self, rnd: int, export: str, kge: ShardedKGE, snapshot) -> dict:
+        if self.cfg.loop.directions != "both":
+            return {"kg_version": self.store.head}
+        t0 = time.perf_counter()
+        row = self._mine(rnd, export, kge, snapshot)
+        row["mining_seconds"] = time.perf_counter() - t0
+        self.log(f"round {rnd}: mined {row['mined']} triples -> KG version {row['kg_version']}")
+        return row
 
     def _kg_test(self, kge: ShardedKGE) -> dict:
         """Filtered test ranking of the final KGE, read once."""

@@ -1,6 +1,7 @@
-"""jobs/bikd_full.py end to end on a tiny KG with text (tiny encoder, 2 rounds, sync mode): the driver killed
+"""jobs/bikd_full.py end to end on a tiny KG with text (tiny encoder, 2 rounds). Sync mode: the driver killed
 with SIGKILL mid-round and rerun ends in the same state as an uninterrupted run (KG store versions, KGE
-snapshots, LM export, per-round metrics), and ``--directions none`` mines nothing and never fuses."""
+snapshots, LM export, per-round metrics). Async mode (the default): killed after its first mined round and
+rerun, it finishes with every round mined exactly once. ``--directions none`` mines nothing and never fuses."""
 
 from __future__ import annotations
 
@@ -48,13 +49,13 @@ def write_kg(root: Path) -> Path:
 
 
 TINY = [
-    "kge.model.name=distmult", "kge.model.dim=8", "kge.batch_size=16", "kge.sampler.num_negatives=4",
+    "kge.model.dim=8", "kge.batch_size=16", "kge.sampler.num_negatives=4",
     "kge.sampler.chunk_size=4", "kge_dist.cpus_per_trainer=0.5", "valid_limit=null",
     "lm.encoder.name_or_path=tiny", "lm.encoder.attn_implementation=eager", "lm.fusion.layers=[0]",
     "lm.kd.num_sampled_candidates=4", "lm.task.max_train=8", "lm.task.max_eval=4", "lm.task.link=true",
     "lm.task.triple_cls.max_length=32", "lm.train.batch_size=2", "lm.train.lr=0.001", "lm.train.log_every=2",
     "lm.num_workers=1", "lm.cpus_per_worker=1.0",
-    "loop.rounds=2", "loop.kge_epochs_per_round=1", "loop.lm_steps_per_round=3",
+    "loop.mode=sync", "loop.rounds=2", "loop.kge_epochs_per_round=1", "loop.lm_steps_per_round=3",
     "mine.extractor.max_length=32", "mine.extractor.batch_size=8", "mine.num_calib_pairs=2",
     "mine.scoring.num_actors=1", "mine.scoring.num_cpus=0.5", "mine.mining.thresholds.mode=top_k",
     "mine.mining.thresholds.top_k=2", "mine.mining.candidates.max_candidates=60", "num_threads=1",
@@ -63,7 +64,7 @@ TINY = [
 
 def command(kg: Path, run_dir: Path, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
     args = [sys.executable, str(REPO / "jobs" / "bikd_full.py"), *flags]
-    for o in (f"data.path={kg}", f"run_dir={run_dir}", *TINY, *extra):
+    for o in ("data.dataset=null", f"data.path={kg}", f"run_dir={run_dir}", *TINY, *extra):
         args += ["--set", o]
     return args
 
@@ -108,20 +109,40 @@ def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_pa
     assert [r["kg_table_version"] for r in expected["metrics"]] == [1, 2]  # the LM fused each round's snapshot
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(kg, killed), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (killed / "progress.json").exists():  # round 1 complete
-        assert proc.poll() is None and time.monotonic() < deadline, "the driver ended before round 1 completed"
-        time.sleep(0.2)
-    time.sleep(3.0)  # into round 2
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started, at once
-    proc.wait()
+    kill_after_round_1(kg, killed)
     resumed = run(kg, killed)
     assert "resuming" in resumed.stdout and "after round 1" in resumed.stdout
     assert state(killed) == expected
     again = run(kg, killed)  # a finished run does nothing
     assert "nothing to do" in again.stdout and state(killed) == expected
+
+
+def kill_after_round_1(kg: Path, run_dir: Path, *extra: str) -> None:
+    proc = subprocess.Popen(command(kg, run_dir, *extra), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "progress.json").exists():  # round 1 complete
+        assert proc.poll() is None and time.monotonic() < deadline, "the driver ended before round 1 completed"
+        time.sleep(0.2)
+    time.sleep(3.0)  # into round 2
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started, at once
+    proc.wait()
+
+
+def test_async_run_killed_after_a_round_resumes_and_mines_each_round_once(kg, tmp_path):
+    run_dir = tmp_path / "async"
+    kill_after_round_1(kg, run_dir, "loop.mode=async", "exchange.lm_poll_steps=1")
+    resumed = run(kg, run_dir, "loop.mode=async", "exchange.lm_poll_steps=1")
+    assert "resuming" in resumed.stdout and "done after round 2" in resumed.stdout
+    got = state(run_dir)
+    assert [r["round"] for r in got["metrics"]] == [1, 2]
+    store = KGStore(Storage(str(run_dir / "kg")))
+    rounds = [v.meta["round_key"]["round"] for v in store.versions() if v.kind == "mined"]
+    assert rounds == sorted(set(rounds)) and set(rounds) <= {1, 2}  # no round committed twice
+    assert set(got["snapshots"]) == {"v000001", "v000002"}  # the KGE side's 2 rounds, each published once
+    for row in got["metrics"]:
+        assert row["kg_table_version"] >= 1 and row["kg_staleness"] >= 0 and "eval_nokg_accuracy" in row
+    assert (run_dir / "report.md").exists() and list((run_dir / "tensorboard").iterdir())
 
 
 def test_directions_none_mines_nothing_and_never_fuses(kg, tmp_path):

@@ -1,0 +1,85 @@
+"""The three-row ablation of the bidirectional job (issue 13): plain (``--directions none``), KG -> LM
+(``kg2lm``) and both ways (``both``), each over several seeds, in sync mode (reproducible), on the embedded
+default unless overridden. Every run is a fresh ``python jobs/bikd_full.py`` process with its own run
+directory; per (directions, seed) the last round's valid metrics and the final KG test MRR are kept, and
+the JSON reports per directions the median over seeds and the spread (min, max).
+
+Metrics (valid unless named test): ``kg_valid_mrr``, ``kg_test_mrr`` (read once, after the last round),
+the LM's ``eval_accuracy`` with the KG table and ``eval_nokg_accuracy`` without it, the cloze probe's
+``probe_p1`` / ``probe_nokg_p1``, and ``mined`` (triples over all rounds).
+
+    python bench/ablation.py                                  # ~70 min on 2 CPU cores (9 runs)
+    python bench/ablation.py --seeds 0 --set loop.rounds=1 --allow-dirty --name ablation_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, add_common_args, start_run  # noqa: E402
+
+DIRECTIONS = ("none", "kg2lm", "both")
+KEYS = ("kg_valid_mrr", "eval_accuracy", "eval_nokg_accuracy", "probe_p1", "probe_nokg_p1")
+
+
+def run_job(overrides: list[str], run_dir: Path) -> tuple[float, list[dict], dict]:
+    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), "--set", f"run_dir={run_dir}"]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return time.perf_counter() - start, rows, json.loads((run_dir / "progress.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="an override for every run")
+    p.add_argument("--name", default="ablation_default", help="the result's name (bench/results/<name>.json)")
+    p.add_argument("--work-dir", default=None)
+    add_common_args(p)
+    args = p.parse_args()
+    run = start_run(args.name, args)
+    per: dict[str, list[dict]] = {d: [] for d in DIRECTIONS}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        for seed in args.seeds:
+            for d in DIRECTIONS:
+                wall, rows, final = run_job(["loop.mode=sync", f"loop.directions={d}", f"seed={seed}", *args.overrides],
+                                            work / f"{d}_seed{seed}")
+                last = rows[-1]
+                got = {k: last.get(k) for k in KEYS}
+                got.update(kg_test_mrr=final["kg_test"]["mrr"], mined=sum(r.get("mined") or 0 for r in rows), wall_s=wall,
+                           seed=seed, rounds=len(rows))
+                per[d].append(got)
+                print(f"{d} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in got.items()), flush=True)
+    metrics = {}
+    for d, results in per.items():
+        for k in (*KEYS, "kg_test_mrr", "mined", "wall_s"):
+            values = [r[k] for r in results if isinstance(r.get(k), (int, float))]
+            if values:
+                metrics[f"{d}.{k}.median"] = statistics.median(values)
+                metrics[f"{d}.{k}.min"], metrics[f"{d}.{k}.max"] = min(values), max(values)
+    path = run.write(metrics, {"runs": per})
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""bikd/driver.py's configuration: the defaults name the embedded slice, bad loop settings and a resource split
+that does not fit the cluster fail before any actor starts, each round's LM job is derived as documented, and
+the plateau rule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bikd.config import apply_overrides, from_dict
+from bikd.driver import BikdConfig, Driver, lm_side, required_cpus, validate
+
+TINY_LM = ["lm.encoder.name_or_path=tiny", "lm.fusion.layers=[1]"]
+
+
+def cfg(*overrides: str) -> BikdConfig:
+    return from_dict(BikdConfig, apply_overrides({}, list(overrides)))
+
+
+def test_defaults_run_the_embedded_slice_both_ways_asynchronously():
+    c = BikdConfig()
+    assert c.data.name == "fb15k237_slice" and c.loop.directions == "both" and c.loop.mode == "async"
+    assert c.kge_dist.mode == "sync" and c.lm.task.link
+    assert required_cpus(c) == {"kge": 1.0, "lm": 2.0, "mining": 2.0}
+    assert required_cpus(cfg("loop.directions=kg2lm"))["mining"] == 0.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loop.mode=asynch", "expected one of"),
+    ("loop.directions=lm2kg", "expected one of"),
+    ("loop.rounds=0", "loop.rounds must be >= 1"),
+    ("loop.plateau_patience=0", "plateau_patience must be >= 1"),
+    ("loop.mode=sync kge_dist.mode=async", "loop.mode sync needs kge_dist.mode sync"),
+    ("probe_limit=0", "probe_limit must be >= 1"),
+])
+def test_bad_loop_settings_fail_when_the_config_is_built(override, message):
+    with pytest.raises(ValueError, match=message):
+        cfg(*override.split())
+
+
+def test_resource_split_is_checked_against_the_cluster(ray_local):
+    with pytest.raises(ValueError, match=r"resource split kge 1 CPUs, lm 4 CPUs, mining 2 CPUs needs 7 CPUs; the Ray cluster has 2"):
+        validate(cfg(*TINY_LM, "lm.num_workers=2"))
+    validate(cfg(*TINY_LM, "lm.cpus_per_worker=0.5", "mine.scoring.num_cpus=0.25", "kge_dist.cpus_per_trainer=0.25"))
+
+
+def test_each_round_continues_the_lm_run_on_one_schedule(tmp_path):
+    c = cfg(f"run_dir={tmp_path}", "loop.mode=sync", "loop.rounds=4", "loop.lm_steps_per_round=6", "exchange.lm_poll_steps=4")
+    lm = lm_side(c, 3, "SNAP")
+    assert (lm.train.steps, lm.train.schedule_steps, lm.train.checkpoint_every) == (18, 24, 6)
+    assert lm.exchange.lm_poll_steps == 2  # sync: divides the round, so the first step of every round polls
+    assert lm_side(dataclasses.replace(c, loop=dataclasses.replace(c.loop, mode="async")), 3, "S").exchange.lm_poll_steps == 4
+    assert lm.kg.export == "SNAP" and lm.export_path.endswith("lm/exports/round-0003") and lm.name == "ckpt"
+    assert lm.data == c.data and lm.task.link and lm.kd.entity_weight == c.lm.kd.entity_weight
+    plain = lm_side(cfg(f"run_dir={tmp_path}", "loop.directions=none"), 1, "SNAP")
+    assert not plain.task.link and plain.kd.entity_weight == plain.kd.relation_weight == 0.0  # never sees the KG
+
+
+def test_plateau_stops_when_the_metric_has_not_risen_by_min_delta(tmp_path):
+    d = Driver.__new__(Driver)  # the rule alone: no run directory needed
+    d.cfg = cfg("loop.plateau_patience=2", "loop.plateau_min_delta=0.01")
+    rows = lambda *v: [{"round": i + 1, "kg_valid_mrr": x} for i, x in enumerate(v)]  # noqa: E731
+    assert not d._plateaued(rows(0.1, 0.2))  # too few rounds
+    assert not d._plateaued(rows(0.1, 0.2, 0.215, 0.19))  # 0.215 >= 0.2 + 0.01
+    assert d._plateaued(rows(0.1, 0.2, 0.205, 0.19))
+    d.cfg = cfg("loop.plateau_patience=1", "loop.plateau_metric=no_such_metric")
+    with pytest.raises(ValueError, match="'no_such_metric' is not a per-round metric"):
+        d._plateaued(rows(0.1, 0.2))
