@@ -35,13 +35,17 @@ def start_ray(cfg: BikdConfig) -> None:
 def full(cfg: BikdConfig) -> int:
     print(dump_yaml(cfg))
     print(f"torch threads: {set_num_threads(cfg.num_threads)}")
-    start_ray(cfg)
-    try:
-        validate(cfg)  # the resource split against the cluster, before any actor starts
-        print("resources: " + ", ".join(f"{k} {v:g} CPUs" for k, v in required_cpus(cfg).items()), flush=True)
-        final = Driver(cfg, log=lambda line: print(line, flush=True)).run()
-    finally:
-        ray.shutdown()
+    driver = Driver(cfg, log=lambda line: print(line, flush=True))  # the run directory, checked and claimed
+    if (final := driver.finished) is not None:
+        print(f"run {cfg.run_dir} finished after round {final['round']}; nothing to do")
+    else:
+        start_ray(cfg)
+        try:
+            validate(cfg)  # the resource split against the cluster, before any actor starts
+            print("resources: " + ", ".join(f"{k} {v:g} CPUs" for k, v in required_cpus(cfg).items()), flush=True)
+            final = driver.run()
+        finally:
+            ray.shutdown()
     test = final.get("kg_test", {})
     print(f"done after round {final['round']} ({final['stopped_by']}); KG store version {final['kg_version']}; "
           f"KG test (filtered): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))

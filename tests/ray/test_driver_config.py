@@ -67,3 +67,9 @@ def test_plateau_stops_when_the_metric_has_not_risen_by_min_delta(tmp_path):
     d.cfg = cfg("loop.plateau_patience=1", "loop.plateau_metric=no_such_metric")
     with pytest.raises(ValueError, match="'no_such_metric' is not a per-round metric"):
         d._plateaued(rows(0.1, 0.2))
+
+
+def test_one_seed_sets_every_side_and_keeps_the_data_samples():
+    c = cfg("seed=7")
+    assert (c.kge.seed, c.lm.train.seed, c.lm.kd.seed, c.mine.extractor.seed) == (7, 7, 7, 7)
+    assert c.lm.task.seed == BikdConfig().lm.task.seed and cfg().kge.seed == BikdConfig().kge.seed

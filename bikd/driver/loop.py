@@ -1,220 +1,43 @@
-"""The bidirectional loop: the KGE side (ShardedKGE on Ray actors), the LM side (DeepSpeed under Ray Train) and
-the mining pool, meeting at a named Exchange actor and in one run directory.
-
-One round, ``sync`` mode (alternating, reproducible on CPU):
-
-    KGE   add the KG store's newly mined triples (weights: the miner's confidences), train
-          ``kge_epochs_per_round`` epochs, publish snapshot r (object store + run_dir/kge/snapshots/v..r),
-          checkpoint, evaluate (filtered MRR on valid)
-    LM    train ``lm_steps_per_round`` more steps; at its first step it polls the exchange and swaps in
-          snapshot r; checkpoint + export (run_dir/lm/exports/round-r); task metric with and without the table
-    LM->KG  (directions=both) an extractor fine-tuned from the LM export's encoder scores the round's
-          candidates on the mining pool; the accepted triples are committed as one KG store version
-    record  metrics.jsonl, progress.json (the last completed round), report
-
-``async`` mode (the default): both sides run at once in driver threads, each at its own pace. The KGE side
-runs its rounds back to back (adding whatever has been mined by then, publishing after each); the LM side
-runs its rounds back to back, polling the exchange every ``exchange.lm_poll_steps`` steps and swapping in the
-newest snapshot mid-round; each finished LM round is mined on the newest snapshot while both sides go on.
-Staleness (snapshot versions between the newest and the one the LM used) is recorded per round.
-
-``--directions``: ``none`` (each side alone: the LM never sees the KG, nothing is mined), ``kg2lm`` (snapshots
-flow to the LM), ``both``. Stopping: ``loop.rounds``, ``loop.time_budget_s``, or a plateau of
-``loop.plateau_metric`` (no gain of ``plateau_min_delta`` in ``plateau_patience`` rounds).
-
-Resume: a rerun with the same run_dir continues after the last completed round: the KGE side restores the
-checkpoint that round wrote (async: its newest) and re-adds the store's later mined triples, the LM side resumes from its
-checkpoint (fusing the snapshot version it recorded), and a round whose mining commit landed before the
-kill is not mined twice. Every file appears atomically (manifest last), so no KG version is lost or doubled.
-"""
+"""The driver: one run directory, the KGE side, the LM side and the mining pool, round by round (see
+bikd.driver)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import queue
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import ray
 import torch
 
 from bikd.config import to_dict
-from bikd.eval import EvalConfig, evaluate
-from bikd.kg.datasets import DataConfig, load_from_config, text_from_config
+from bikd.eval import evaluate
+from bikd.kg.datasets import load_from_config, text_from_config
 from bikd.kg.store import KGStore, KGVersion
-from bikd.kge.losses import LossConfig
-from bikd.kge.models import ModelConfig
-from bikd.kge.optim import SparseOptimConfig
-from bikd.kge.sampling import NegativeSamplerConfig
-from bikd.kge.training import KGETrainConfig
-from bikd.lm.extractor import ExtractorConfig
-from bikd.lm.fusion import FusionConfig
-from bikd.lm.kd import KDConfig
-from bikd.lm.train import TaskConfig
-from bikd.lm.trainer import TrainConfig
-from bikd.lm.triple_cls import TripleClsConfig
-from bikd.mining.candidates import CandidateConfig
 from bikd.mining.candidates import generate
 from bikd.mining.extract import encoder_from_export, fit_extractor
 from bikd.mining.inputs import link_text
-from bikd.mining.round import MiningConfig, known_triples, run_round
-from bikd.ray.exchange import ExchangeConfig, TableOffer, exchange_actor
-from bikd.ray.kge import DistConfig, ShardedKGE
-from bikd.ray.lm_train import LMJobConfig, run as run_lm, validate as validate_lm
+from bikd.mining.round import known_triples, run_round
+from bikd.ray.exchange import TableOffer, exchange_actor
+from bikd.ray.kge import ShardedKGE
+from bikd.ray.lm_train import run as run_lm
 from bikd.kge.export import load_embeddings
 from bikd.ray.messages import Snapshot, snapshot_prefix
-from bikd.ray.mining import ActorScorer, ScoringConfig, extractor_factory
+from bikd.ray.mining import ActorScorer, extractor_factory
 from bikd.report import write_report, write_tensorboard
 from bikd.runs import RunDir
-from bikd.storage import Storage, join_url
+from bikd.storage import Storage
 
-__all__ = ["LoopConfig", "MineSideConfig", "BikdConfig", "validate", "required_cpus", "Driver"]
+from bikd.driver.config import BikdConfig, lm_side
 
-
-@dataclass(kw_only=True, frozen=True)
-class LoopConfig:
-    mode: Literal["async", "sync"] = "async"
-    directions: Literal["none", "kg2lm", "both"] = "both"
-    rounds: int = 3
-    kge_epochs_per_round: int = 5
-    lm_steps_per_round: int = 40
-    #: stop after the round during which this many seconds have passed (null: no budget)
-    time_budget_s: float | None = None
-    #: a per-round metric (a key of metrics.jsonl) that should rise; null patience: no plateau rule
-    plateau_metric: str = "kg_valid_mrr"
-    plateau_patience: int | None = None
-    plateau_min_delta: float = 0.001
-
-    def __post_init__(self):
-        if self.mode not in ("async", "sync"):
-            raise ValueError(f"loop.mode must be 'async' or 'sync', got {self.mode!r}")
-        if self.directions not in ("none", "kg2lm", "both"):
-            raise ValueError(f"loop.directions must be none, kg2lm or both, got {self.directions!r}")
-        for key in ("rounds", "kge_epochs_per_round", "lm_steps_per_round"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
-        if self.plateau_patience is not None and self.plateau_patience < 1:
-            raise ValueError(f"loop.plateau_patience must be >= 1 or null, got {self.plateau_patience}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"loop.time_budget_s must be > 0 or null, got {self.time_budget_s}")
-
-
-@dataclass(kw_only=True, frozen=True)
-class MineSideConfig:
-    """LM -> KG: passages (the KG's descriptions and ``corpus`` files), the extractor fine-tuned each round from
-    the LM's encoder, candidates and thresholds (``mining``), the scoring pool (``scoring``)."""
-
-    corpus: tuple[str, ...] = ()
-    descriptions: bool = True
-    max_pairs_per_passage: int | None = 20
-    num_calib_pairs: int = 500
-    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
-    mining: MiningConfig = field(default_factory=MiningConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    #: precision@k of the round's mined triples (by confidence) against valid
-    precision_at: int = 100
-
-
-def _default_kge() -> KGETrainConfig:
-    """TransE as tuned for FB15k-237 (configs/kge_fb15k237_transe.yaml), at dim 64 for the 2,000-entity slice."""
-    return KGETrainConfig(model=ModelConfig(name="transe", dim=64, p=2, init_scale=0.125, normalize_entities=False),
-                          sampler=NegativeSamplerConfig(num_negatives=128, chunk_size=128),
-                          loss=LossConfig(name="self_adversarial", margin=6.0, adversarial_temperature=1.0),
-                          optimizer=SparseOptimConfig(name="rowwise_adagrad", lr=0.2), batch_size=1024)
-
-
-def _default_lm() -> LMJobConfig:
-    """MiniLM with the KG fused after layer 3, KD on, triple classification of the slice; one worker
-    with both cores (sync mode runs one side at a time)."""
-    return LMJobConfig(
-        fusion=FusionConfig(layers=(3,), gate_init=0.1), kd=KDConfig(entity_weight=0.1, relation_weight=0.1, num_sampled_candidates=64),
-        task=TaskConfig(link=True, max_train=600, max_eval=200, triple_cls=TripleClsConfig(max_length=48)),
-        train=TrainConfig(lr=1e-4, warmup_steps=10, batch_size=16, eval_batch_size=64, log_every=10),
-        num_workers=1, cpus_per_worker=2.0)
-
-
-def _default_mine() -> MineSideConfig:
-    return MineSideConfig(extractor=ExtractorConfig(max_length=64, max_train_pairs=2000, batch_size=16),
-                          num_calib_pairs=300, mining=MiningConfig(candidates=CandidateConfig(max_candidates=2000)),
-                          scoring=ScoringConfig(num_actors=1, num_cpus=2.0))
-
-
-@dataclass(kw_only=True, frozen=True)
-class BikdConfig:
-    """The defaults run the whole loop on the embedded FB15k-237 slice in a few minutes on 2 CPU cores."""
-
-    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="fb15k237_slice"))
-    run_dir: str = "runs/bikd"
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    kge: KGETrainConfig = field(default_factory=_default_kge)
-    kge_dist: DistConfig = field(default_factory=lambda: DistConfig(num_parts=1, mode="sync"))
-    kg_eval: EvalConfig = field(default_factory=EvalConfig)
-    #: valid triples ranked per round (a seeded sample; null: all); test is ranked once, at the end
-    valid_limit: int | None = 1000
-    #: valid triples in the LM's cloze probe ("<head> <relation text> [MASK]."), per round
-    probe_limit: int = 300
-    lm: LMJobConfig = field(default_factory=_default_lm)
-    mine: MineSideConfig = field(default_factory=_default_mine)
-    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
-    num_threads: int | None = None
-
-    def __post_init__(self):
-        if self.probe_limit < 1:
-            raise ValueError(f"probe_limit must be >= 1, got {self.probe_limit}")
-        if self.valid_limit is not None and self.valid_limit < 1:
-            raise ValueError(f"valid_limit must be >= 1 or null, got {self.valid_limit}")
-        if self.loop.mode == "sync" and self.kge_dist.mode != "sync":
-            raise ValueError("loop.mode sync needs kge_dist.mode sync (async trainers are not reproducible)")
-
-
-def required_cpus(cfg: BikdConfig) -> dict[str, float]:
-    """The CPU reservation of each side (its actors hold it while they live)."""
-    return {"kge": cfg.kge_dist.num_parts * cfg.kge_dist.cpus_per_trainer,
-            "lm": cfg.lm.num_workers * cfg.lm.cpus_per_worker,
-            "mining": cfg.mine.scoring.num_actors * cfg.mine.scoring.num_cpus if cfg.loop.directions == "both" else 0.0}
-
-
-def lm_side(cfg: BikdConfig, rnd: int, base_snapshot: str) -> LMJobConfig:
-    """The LM job of round ``rnd``: ``rnd`` x steps-per-round steps on one schedule, resuming from the round
-    before; the KG table starts from the first snapshot and follows the exchange (none: never used)."""
-    loop, lm = cfg.loop, cfg.lm
-    steps = rnd * loop.lm_steps_per_round
-    train = dataclasses.replace(lm.train, steps=steps, schedule_steps=loop.rounds * loop.lm_steps_per_round,
-                                checkpoint_every=loop.lm_steps_per_round, eval_every=None)
-    task, kd = lm.task, lm.kd
-    exchange = dataclasses.replace(cfg.exchange, actor=None)
-    if loop.directions == "none":  # the plain LM: no links, so no fusion and no KD
-        task, kd = dataclasses.replace(task, link=False), dataclasses.replace(kd, entity_weight=0.0, relation_weight=0.0)
-    elif loop.mode == "sync":  # polled at the round's first step: the snapshot of this round
-        exchange = dataclasses.replace(cfg.exchange, lm_poll_steps=math.gcd(cfg.exchange.lm_poll_steps, loop.lm_steps_per_round))
-    else:
-        exchange = cfg.exchange
-    return dataclasses.replace(
-        lm, data=cfg.data, train=train, task=task, kd=kd, exchange=exchange,
-        kg=dataclasses.replace(lm.kg, export=base_snapshot), storage_path=join_url(cfg.run_dir, "lm"), name="ckpt",
-        storage_options=cfg.storage_options, export_path=join_url(cfg.run_dir, "lm", "exports", f"round-{rnd:04d}"))
-
-
-def validate(cfg: BikdConfig) -> BikdConfig:
-    """Everything checkable before an actor starts (ValueError): the LM side's files and layers, the resource
-    split against the cluster (Ray initialised)."""
-    need = required_cpus(cfg)
-    # sync: one side runs at a time, but every side's actors hold their CPUs for the whole run
-    have = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else math.inf
-    if sum(need.values()) > have:
-        raise ValueError("resource split " + ", ".join(f"{k} {v:g} CPUs" for k, v in need.items())
-                         + f" needs {sum(need.values()):g} CPUs; the Ray cluster has {have:g}")
-    validate_lm(dataclasses.replace(cfg.lm, data=cfg.data, exchange=dataclasses.replace(cfg.exchange, actor=None)))
-    return cfg
+__all__ = ["Driver", "precision_at"]
 
 
 def precision_at(mined: list, valid: set, k: int) -> float | None:
@@ -385,6 +208,11 @@ class Driver:
         return None
 
     # ---- the loop ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> dict | None:
+        """The final summary of a finished run (nothing left to do), else None."""
+        return self.rundir.finished()
+
     def run(self) -> dict:
         cfg, loop = self.cfg, self.cfg.loop
         if (finished := self.rundir.finished()) is not None:

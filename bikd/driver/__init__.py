@@ -1,0 +1,34 @@
+"""The bidirectional loop: the KGE side (ShardedKGE on Ray actors), the LM side (DeepSpeed under Ray Train) and
+the mining pool, meeting at a named Exchange actor and in one run directory.
+
+One round, ``sync`` mode (alternating, reproducible on CPU):
+
+    KGE   add the KG store's newly mined triples (weights: the miner's confidences), train
+          ``kge_epochs_per_round`` epochs, publish snapshot r (object store + run_dir/kge/snapshots/v..r),
+          checkpoint, evaluate (filtered MRR on valid)
+    LM    train ``lm_steps_per_round`` more steps; at its first step it polls the exchange and swaps in
+          snapshot r; checkpoint + export (run_dir/lm/exports/round-r); task metric with and without the table
+    LM->KG  (directions=both) an extractor fine-tuned from the LM export's encoder scores the round's
+          candidates on the mining pool; the accepted triples are committed as one KG store version
+    record  metrics.jsonl, progress.json (the last completed round), report
+
+``async`` mode (the default): both sides run at once in driver threads, each at its own pace. The KGE side
+runs its rounds back to back (adding whatever has been mined by then, publishing after each); the LM side
+runs its rounds back to back, polling the exchange every ``exchange.lm_poll_steps`` steps and swapping in the
+newest snapshot mid-round; each finished LM round is mined on the newest snapshot while both sides go on.
+Staleness (snapshot versions between the newest and the one the LM used) is recorded per round.
+
+``--directions``: ``none`` (each side alone: the LM never sees the KG, nothing is mined), ``kg2lm`` (snapshots
+flow to the LM), ``both``. Stopping: ``loop.rounds``, ``loop.time_budget_s``, or a plateau of
+``loop.plateau_metric`` (no gain of ``plateau_min_delta`` in ``plateau_patience`` rounds).
+
+Resume: a rerun with the same run_dir continues after the last completed round: the KGE side restores the
+checkpoint that round wrote (async: its newest) and re-adds the store's later mined triples, the LM side resumes from its
+checkpoint (fusing the snapshot version it recorded), and a round whose mining commit landed before the
+kill is not mined twice. Every file appears atomically (manifest last), so no KG version is lost or doubled.
+"""
+
+from bikd.driver.config import BikdConfig, LoopConfig, MineSideConfig, lm_side, required_cpus, validate
+from bikd.driver.loop import Driver, precision_at
+
+__all__ = ["LoopConfig", "MineSideConfig", "BikdConfig", "validate", "required_cpus", "lm_side", "Driver", "precision_at"]
