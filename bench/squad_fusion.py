@@ -74,9 +74,10 @@ from bikd.lm.kd import KDConfig, mention_representations  # noqa: E402
 from bikd.lm.kg_teacher import KGTable  # noqa: E402
 from bikd.lm.model import FusedLM, LMConfig  # noqa: E402
 from bikd.lm.train import KGTableConfig, TaskConfig, build_linker, build_task_data, evaluate_task, load_kg_table  # noqa: E402
+from bikd.lm.trainer import LOSSES, LMTrainer, TorchEngine, TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_KG = ("token_entity", "mention_spans")
+from bikd.lm.trainer import NO_KG  # noqa: E402  (the keys the plain LM goes without)
 
 
 class Plain(nn.Module):
@@ -115,33 +116,24 @@ def build_model(table: KGTable, args, seed: int, kd_weight: float) -> FusedLM:
 
 
 def finetune(model: nn.Module, data, args, seed: int, fused: bool) -> dict:
-    torch.manual_seed(seed)  # dropout
+    """bikd's own LM step loop (bikd.lm.trainer, as the Ray Train worker runs it) in one process."""
     # plain: the fusion sites and KD heads are idle (FusedLM gives them zero gradients, which AdamW's
     # weight decay and momentum would still act on), so they are left out
     skip = set() if fused else {id(p) for p in model.conditional_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in skip], lr=args.lr,
-                            weight_decay=0.01)
     total = data.num_batches(args.batch_size) * args.epochs
-    warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    sums, steps, start = {"task_loss": 0.0, "kd_entity_loss": 0.0, "kd_relation_loss": 0.0}, 0, time.perf_counter()
+    cfg = TrainConfig(lr=args.lr, weight_decay=0.01, warmup_steps=max(1, total // 10), batch_size=args.batch_size,
+                      epochs=args.epochs, seed=seed)
+    engine = TorchEngine(model, cfg, total, clip=1.0,
+                         params=[p for p in model.parameters() if p.requires_grad and id(p) not in skip])
+    trainer = LMTrainer(model, engine, data, data, cfg, task="qa", kg=fused)
+    sums, start = torch.zeros(len(LOSSES), dtype=torch.float64), time.perf_counter()
     model.train()
-    for epoch in range(args.epochs):
-        for _, batch in data.batches(args.batch_size, epoch=epoch, seed=seed):
-            if not fused:
-                batch = {k: v for k, v in batch.items() if k not in NO_KG}
-            out = model(batch)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            steps += 1
-            for k in sums:
-                sums[k] += float(out[k].detach())
-            if steps % 50 == 0:
-                print(f"  step {steps}/{total}: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in sums.items()), flush=True)
-    return {"steps": steps, "train_s": time.perf_counter() - start, **{f"mean_{k}": v / steps for k, v in sums.items()}}
+    while not trainer.done:
+        sums += trainer.train_step()
+        if trainer.step % 50 == 0:
+            print(f"  step {trainer.step}/{total}: " + ", ".join(f"{k} {v / trainer.step:.3f}" for k, v in zip(LOSSES, sums.tolist())), flush=True)
+    return {"steps": trainer.step, "train_s": time.perf_counter() - start,
+            **{f"mean_{k}": v / trainer.step for k, v in zip(LOSSES[1:], sums.tolist()[1:])}}
 
 
 def qa_task(args, data_dir: Path, *, holdout: bool, max_train: int, max_eval: int) -> TaskConfig:

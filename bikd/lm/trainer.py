@@ -28,10 +28,12 @@ from bikd.lm.kg_teacher import KGTable
 from bikd.lm.model import FusedLM, LMConfig
 from bikd.lm.train import TaskConfig, TaskData, build_linker, build_lm, build_task_data, evaluate_task
 
-__all__ = ["LOSSES", "TrainConfig", "TorchEngine", "LMTrainer", "LMParts", "build_parts", "lr_at"]
+__all__ = ["LOSSES", "NO_KG", "TrainConfig", "TorchEngine", "LMTrainer", "LMParts", "build_parts", "lr_at"]
 
 #: the loss terms every step reports, in this order
 LOSSES = ("loss", "task_loss", "kd_entity_loss", "kd_relation_loss")
+#: a batch's keys that carry the KG (entity ids per token, mention spans)
+NO_KG = ("token_entity", "mention_spans")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -136,13 +138,14 @@ def build_parts(lm_cfg: LMConfig, task: TaskConfig, kg: KGSplits, text: KGText |
 class LMTrainer:
     """The step loop of one rank. ``step`` counts optimizer steps done; :meth:`train_step` runs the next one.
 
-    The KG table can change between steps (:meth:`swap_table`, every rank at the same step); ``state_dict``
+    ``kg=False`` trains the plain LM (batches go in without their entity links). The KG table can change
+    between steps (:meth:`swap_table`, every rank at the same step); ``state_dict``
     holds the step and the table version in use, and :meth:`load_state_dict` brings that same version back
     through ``table_for_version`` (a resumed run fuses what the interrupted one fused)."""
 
     def __init__(self, model: FusedLM, engine, train_data: TaskData, eval_data: TaskData, cfg: TrainConfig, *,
-                 task: str, device: torch.device | str = "cpu", bf16: bool = False):
-        self.model, self.engine, self.cfg, self.task = model, engine, cfg, task
+                 task: str, device: torch.device | str = "cpu", bf16: bool = False, kg: bool = True):
+        self.model, self.engine, self.cfg, self.task, self.kg = model, engine, cfg, task, kg
         self.train_data, self.eval_data = train_data, eval_data
         self.device, self.bf16 = torch.device(device), bf16
         self.rank = train_data.rank
@@ -184,6 +187,8 @@ class LMTrainer:
         batch = self._next_batch()
         torch.manual_seed(hash((self.cfg.seed, self.rank, self.step)) % (1 << 62))
         self.model.generator.manual_seed(hash((self.model.cfg.kd.seed, self.rank, self.step)) % (1 << 62))
+        if not self.kg:  # the plain LM: no entity links, so no fusion and no KD term
+            batch = {k: v for k, v in batch.items() if k not in NO_KG}
         with self.amp():
             out = self.engine({k: v.to(self.device) for k, v in batch.items()})
         self.engine.backward(out["loss"])

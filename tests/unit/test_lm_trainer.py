@@ -108,3 +108,14 @@ def test_fusion_changes_the_logits_so_withholding_is_measurable(umls):
 def test_schedule_is_warmup_then_linear_decay():
     cfg = dataclasses.replace(TRAIN, lr=1.0, warmup_steps=4)
     assert [lr_at(s, cfg, 12) for s in (0, 2, 4, 8, 12, 13)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_plain_training_goes_without_the_kg(umls):
+    parts = build_parts(LM, TASK, umls, None, table_v(umls, 1), seed=0)
+    plain = [p for p in parts.model.parameters() if p.requires_grad and id(p) not in {id(q) for q in parts.model.conditional_parameters()}]
+    engine = TorchEngine(parts.model, TRAIN, 4, params=plain)
+    t = LMTrainer(parts.model, engine, parts.train_data, parts.eval_data, TRAIN, task="triple_cls", kg=False)
+    gates = [site.gate.detach().clone() for site in parts.model.fused.fusions.values()]
+    losses = t.train_step()
+    assert losses[2] == 0 and losses[3] == 0 and losses[1] > 0  # no KD term, only the task
+    assert all(torch.equal(g, site.gate) for g, site in zip(gates, parts.model.fused.fusions.values()))
