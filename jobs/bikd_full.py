@@ -4,6 +4,7 @@ rounds that exchange embeddings (KG -> LM) and mined triples (LM -> KG), in one 
     python jobs/bikd_full.py                                   # the embedded default, a few rounds
     python jobs/bikd_full.py --directions kg2lm --set run_dir=runs/bikd_kg2lm
     python jobs/bikd_full.py --config my.yaml --set loop.rounds=10
+    python jobs/bikd_full.py --preset fb15k237-squad           # the seed experiment: FB15k-237 + SQuAD, full size
 
 ``--directions none|kg2lm|both`` is the three-row ablation (each side alone / snapshots to the LM / both ways).
 Rerunning with the same ``run_dir`` resumes after the last completed round; a finished run does nothing.
@@ -13,15 +14,20 @@ local one. See bikd/driver.py for one round's steps.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
+from pathlib import Path
 
 import ray
 
 from bikd.cli import job_parser, parse_job_config, run_main, set_num_threads
 from bikd.config import dump_yaml
 from bikd.driver import BikdConfig, Driver, required_cpus, validate
+
+#: --preset NAME: a config file of the repository's configs/ folder
+PRESETS = {"fb15k237-squad": Path(__file__).resolve().parents[1] / "configs" / "bikd_fb15k237_squad.yaml"}
 
 
 def start_ray(cfg: BikdConfig) -> None:
@@ -56,6 +62,15 @@ def full(cfg: BikdConfig) -> int:
 def main() -> None:
     parser = job_parser(__doc__)
     parser.add_argument("--directions", choices=("none", "kg2lm", "both"), help="which way knowledge flows")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a shipped config (instead of --config)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args()
+    if known.preset and known.config:
+        parser.error("--preset and --config: give one of them")
+    if known.preset:
+        parser.set_defaults(config=str(PRESETS[known.preset]))
     args, cfg = parse_job_config(parser, BikdConfig)
     if args.directions:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, directions=args.directions))

@@ -73,3 +73,14 @@ def test_one_seed_sets_every_side_and_keeps_the_data_samples():
     c = cfg("seed=7")
     assert (c.kge.seed, c.lm.train.seed, c.lm.kd.seed, c.mine.extractor.seed) == (7, 7, 7, 7)
     assert c.lm.task.seed == BikdConfig().lm.task.seed and cfg().kge.seed == BikdConfig().kge.seed
+
+
+def test_the_fb15k237_squad_preset_is_a_valid_config():
+    from pathlib import Path
+
+    from bikd.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "bikd_fb15k237_squad.yaml"
+    c = load_config(BikdConfig, str(path))
+    assert c.data.name == "fb15k237" and c.lm.task.name == "qa" and c.loop.mode == "async"
+    assert c.kge.model.dim == 200 and c.kge_dist.num_parts == 2
