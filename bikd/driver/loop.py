@@ -4,6 +4,7 @@ bikd.driver)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import queue
@@ -110,7 +111,10 @@ class Driver:
         return out
 
     def _add_mined(self, kge: ShardedKGE) -> int:
-        """The store's mined triples the KGE side has not trained on yet (versions after ``kge.kg_version``)."""
+        """The store's mined triples the KGE side has not trained on yet (versions after ``kge.kg_version``):
+        their confidences as loss weights and the extractor's relation distributions as the reverse-KD
+        targets (a round whose targets file is missing, e.g. killed between its commit and that write,
+        gives its triples a one-hot target on their own relation)."""
         head = self.store.head
         if head <= kge.kg_version:
             return 0
@@ -119,8 +123,25 @@ class Driver:
         new = KGVersion(head, now.entities, now.relations, now.gold,
                         tuple(m for m in now.mined if (m.head, m.relation, m.tail) not in before))
         ids, conf = new.mined_arrays()
-        kge.add_triples(torch.from_numpy(ids), torch.from_numpy(conf).float(), kg_version=head)
+        targets = np.zeros((len(ids), len(now.relations)), np.float32)
+        targets[np.arange(len(ids)), ids[:, 1]] = 1.0
+        by_round: dict[int, dict] = {}
+        for i, m in enumerate(new.mined):
+            rnd = m.provenance.round
+            if rnd not in by_round:
+                by_round[rnd] = self._round_targets(rnd)
+            row = by_round[rnd].get(tuple(ids[i].tolist()))
+            if row is not None:
+                targets[i] = row
+        kge.add_triples(torch.from_numpy(ids), torch.from_numpy(conf).float(), torch.from_numpy(targets), kg_version=head)
         return len(ids)
+
+    def _round_targets(self, rnd: int) -> dict[tuple, np.ndarray]:
+        name = f"mining/round-{rnd:04d}/targets.npz"
+        if not self.storage.exists(name):
+            return {}
+        data = np.load(io.BytesIO(self.storage.read_bytes(name)))
+        return {tuple(t): p for t, p in zip(data["triples"].tolist(), data["targets"])}
 
     def _mine(self, rnd: int, export: str, kge: ShardedKGE, snapshot) -> dict:
         cfg, m = self.cfg, self.cfg.mine
@@ -149,6 +170,11 @@ class Driver:
                                lm_snapshot_id=fitted.manifest["snapshot_id"], kg_snapshot_id=f"v{snapshot.version}",
                                counts={**linked.counts, **cands.counts})
             took = time.perf_counter() - start
+        if result.mined:  # the soft labels of reverse distillation, by triple ids (the store's id order)
+            ids = KGVersion(0, version.entities, version.relations, {}, tuple(result.mined)).mined_arrays()[0]
+            buf = io.BytesIO()
+            np.savez(buf, triples=ids, targets=result.targets)
+            self.storage.write_bytes(f"mining/round-{rnd:04d}/targets.npz", buf.getvalue())
         valid = set(version.gold.get("valid", ()))
         return {"mined": len(result.mined), "kg_version": self.store.head, "mining_candidates": len(cands.candidates),
                 "mining_candidates_per_s": len(cands.candidates) / max(took, 1e-9),

@@ -57,6 +57,9 @@ class RoundResult:
     per_source: dict[str, int]
     per_relation: dict[str, int]
     thresholds: np.ndarray
+    #: (len(mined), R) float32: the scorer's p(r | h, t, passage) of each mined triple over the R relations
+    #: ("no relation" left out, renormalised): the soft labels of reverse distillation (add_triples' targets)
+    targets: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 def kg_snapshot_id(meta: dict[str, Any]) -> str:
@@ -198,7 +201,9 @@ def run_round(store: KGStore, version: KGVersion, candidates: Sequence[PairCandi
                                                 f"({', '.join(f'{k} {v}' for k, v in sorted(per_source.items()))})",
                                  meta={"round_key": key, "counts": counts})
         created = True
-    return RoundResult(committed, created, mined, counts, per_source, per_relation, thresholds)
+    rel = probs[kept, :num_relations].astype(np.float64).reshape(len(kept), num_relations)
+    targets = (rel / np.clip(rel.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
+    return RoundResult(committed, created, mined, counts, per_source, per_relation, thresholds, targets)
 
 
 def summary(result: RoundResult, top: int = 10) -> str:

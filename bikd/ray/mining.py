@@ -87,7 +87,10 @@ class ActorScorer:
         n, b = len(candidates), self.cfg.batch_size
         batches = [ScoreBatch(version=self.version, index=i, candidates=tuple(candidates[s:s + b]))
                    for i, s in enumerate(range(0, n, b))]
-        results = list(self.pool.map(lambda actor, msg: actor.score.remote(msg), batches))
+        from tqdm.auto import tqdm  # a progress bar on a terminal (disable=None: silent in logs and pipes)
+
+        results = list(tqdm(self.pool.map(lambda actor, msg: actor.score.remote(msg), batches), total=len(batches),
+                            desc=f"scoring {n} candidates", unit="batch", disable=None, leave=False))
         assert [r.index for r in results] == list(range(len(batches))), "ActorPool.map returns results in order"
         if not results:
             return np.zeros((0, 0), np.float32)

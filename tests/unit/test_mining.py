@@ -175,6 +175,8 @@ def test_round_commits_one_version_with_provenance_and_rolls_back(tmp_path):
     assert p.confidence == pytest.approx(0.9) and p.evidence == "Rome is the capital of Italy"
     assert store.versions()[1].meta["round_key"]["lm_snapshot_id"] == "lm-1"
     assert res.per_source == {CO_MENTION: 1} and res.per_relation == {"capital_of": 1}
+    # the soft label of reverse distillation: p(r | ...) over the 2 relations, "no relation" left out
+    assert res.targets.shape == (1, 2) and res.targets[0] == pytest.approx([0.9 / 0.95, 0.05 / 0.95])
     assert summary(res).splitlines() == ["candidates 4: accepted 2, already known 0, duplicates 1, new 1",
                                          "per source: co-mention 1", "per relation: capital_of 1",
                                          "thresholds: 2 of 2 relations can accept (the rest reach the target "
