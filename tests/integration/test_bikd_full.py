@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bikd.kg.store import KGStore
@@ -107,8 +108,7 @@ def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_pa
     assert [v[1] for v in expected["versions"]] == ["gold", "mined", "mined"], expected["versions"]
     assert expected["metrics"][1]["kge_added_triples"] > 0  # round 2's KGE trained on round 1's mined triples
     assert [r["kg_table_version"] for r in expected["metrics"]] == [1, 2]  # the LM fused each round's snapshot
-    import numpy as np  # the reverse-KD soft labels of round 1's triples: distributions over the 3 relations
-    targets = np.load(tmp_path / "whole" / "mining" / "round-0001" / "targets.npz")
+    targets = np.load(tmp_path / "whole" / "mining" / "round-0001" / "targets.npz")  # reverse-KD soft labels
     assert targets["triples"].shape == (expected["versions"][1][2], 3) and np.allclose(targets["targets"].sum(1), 1.0)
 
     killed = tmp_path / "killed"
