@@ -9,6 +9,8 @@ and CI run the whole path (tokenizer, linker, fusion, heads, export) on a model 
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +147,16 @@ def tiny_bert(*, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
         torch.manual_seed(seed)
         model = BertModel(config)
     return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-file progress bars off (noise in job logs), restored after."""
+    from transformers.utils import logging as hf_logging
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

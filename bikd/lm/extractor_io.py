@@ -11,7 +11,6 @@ not saved (it is the KG side's snapshot); pass one to :func:`load_extractor` or 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +23,7 @@ import torch
 
 from bikd.config import from_dict, to_dict
 from bikd.kge.export import ExportError
+from bikd.lm.encoder import quiet_transformers
 from bikd.lm.extractor import RelationExtractor
 from bikd.lm.fusion import FusionConfig
 from bikd.lm.kg_teacher import KGTable
@@ -44,16 +44,7 @@ def snapshot_id(model: RelationExtractor) -> str:
     return "sha256:" + state_digest(model.state_dict())
 
 
-@contextlib.contextmanager
-def _quiet():  # transformers' per-file progress bars are noise in job logs
-    from transformers.utils import logging as hf_logging
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
+_quiet = quiet_transformers  # transformers' per-file progress bars are noise in job logs
 
 
 def _encoder_prefix(model: RelationExtractor) -> str:

@@ -33,7 +33,7 @@ from bikd.kge.export import ExportError
 from bikd.kge.models import ModelConfig
 from bikd.kge.training import KGETrainConfig, LocalTrainer
 from bikd.lm import squad, triple_cls
-from bikd.lm.encoder import TINY as ENCODER_TINY, EncoderConfig, load_encoder
+from bikd.lm.encoder import TINY as ENCODER_TINY, EncoderConfig, load_encoder, quiet_transformers
 from bikd.lm.kg_teacher import KGTable
 from bikd.lm.linking import EntityLinker
 from bikd.lm.model import FusedLM, LMConfig
@@ -343,8 +343,9 @@ def load_fused(source: str | Storage, device: torch.device | str = "cpu") -> Fus
     _, manifest, files = _read_export(source)
     cfg = from_dict(LMConfig, manifest["lm_config"])
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = AutoModel.from_pretrained(_encoder_dir(files, tmp), local_files_only=True,
-                                            attn_implementation=manifest["attn_implementation"])
+        with quiet_transformers():
+            encoder = AutoModel.from_pretrained(_encoder_dir(files, tmp), local_files_only=True,
+                                                attn_implementation=manifest["attn_implementation"])
     table = None
     if manifest["table"] is not None:
         t, meta = load(files["kg_table.safetensors"]), manifest["table"]
