@@ -41,6 +41,9 @@ class LoopConfig:
     rounds: int = 3
     kge_epochs_per_round: int = 5
     lm_steps_per_round: int = 40
+    #: async: KGE rounds the KGE side may run ahead of the mining (0: KGE round k waits for mining round k - 1,
+    #: so every KGE round but the first trains on what was mined; the LM side never waits)
+    max_kge_lead: int = 0
     #: stop after the round during which this many seconds have passed (null: no budget)
     time_budget_s: float | None = None
     #: a per-round metric (a key of metrics.jsonl) that should rise; null patience: no plateau rule
@@ -56,6 +59,8 @@ class LoopConfig:
         for key in ("rounds", "kge_epochs_per_round", "lm_steps_per_round"):
             if getattr(self, key) < 1:
                 raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_kge_lead < 0:
+            raise ValueError(f"loop.max_kge_lead must be >= 0, got {self.max_kge_lead}")
         if self.plateau_patience is not None and self.plateau_patience < 1:
             raise ValueError(f"loop.plateau_patience must be >= 1 or null, got {self.plateau_patience}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:

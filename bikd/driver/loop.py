@@ -289,8 +289,9 @@ class Driver:
 
     def _async(self, cfg: BikdConfig, kge: ShardedKGE, exchange, done: int, rows: list[dict], start: float) -> str | None:
         """Both sides at once, each at its own pace: the KGE side runs its rounds (publishing a snapshot after
-        each), the LM side its rounds (swapping in the newest snapshot every exchange.lm_poll_steps); each
-        finished LM round is mined, on the newest snapshot, while both go on."""
+        each, at most ``loop.max_kge_lead`` rounds ahead of the mining), the LM side its rounds without waiting
+        (swapping in the newest snapshot every exchange.lm_poll_steps); each finished LM round is mined, on
+        the newest snapshot, while both go on."""
         loop, lock, halt = cfg.loop, threading.Lock(), threading.Event()
         newest: dict[str, Any] = {}
         first = threading.Event()
@@ -302,8 +303,16 @@ class Driver:
                 ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ray.put(snapshot),))))
             first.set()
 
+        mined = threading.Condition()
+        progress = {"mined": done}  # mining rounds finished
+
         def kge_side() -> None:
-            for _ in range(kge.epoch // loop.kge_epochs_per_round, loop.rounds):
+            for k in range(kge.epoch // loop.kge_epochs_per_round + 1, loop.rounds + 1):
+                # bounded lead: KGE round k starts once mining round k - 1 - max_kge_lead is in (so it trains
+                # on what the LM mined instead of racing to its last epoch alone)
+                with mined:
+                    while progress["mined"] < min(k - 1 - loop.max_kge_lead, loop.rounds) and not halt.is_set():
+                        mined.wait(1.0)
                 if halt.is_set():
                     return
                 row, snapshot, _ = self._kge_round(kge, exchange)
@@ -340,6 +349,9 @@ class Driver:
                     row = {"round": rnd, **kge_row, **lm_row,
                            "kg_staleness": version - (lm_row.get("kg_table_version") or 0) if exchange else None}
                     row.update(self._mining_row(rnd, export, kge, snapshot))
+                    with mined:
+                        progress["mined"] = rnd
+                        mined.notify_all()
                     if stop := self._close_round(row, rows, start, {"snapshot_version": version}):
                         self.log(f"stopping after round {rnd}: {stop}")
                         return stop

@@ -31,6 +31,7 @@ def test_defaults_run_the_embedded_slice_both_ways_asynchronously():
     ("loop.directions=lm2kg", "expected one of"),
     ("loop.rounds=0", "loop.rounds must be >= 1"),
     ("loop.plateau_patience=0", "plateau_patience must be >= 1"),
+    ("loop.max_kge_lead=-1", "max_kge_lead must be >= 0"),
     ("loop.mode=sync kge_dist.mode=async", "loop.mode sync needs kge_dist.mode sync"),
     ("probe_limit=0", "probe_limit must be >= 1"),
 ])
