@@ -198,16 +198,25 @@ class Driver:
         """Add the newly mined triples, train, publish (export + exchange), checkpoint, evaluate."""
         loop, t0 = self.cfg.loop, time.perf_counter()
         added = self._add_mined(kge) if loop.directions == "both" else 0
-        losses = [kge.train_epoch() for _ in range(loop.kge_epochs_per_round)]
-        snapshot, ref = kge.publish(self.storage.child("kge"), list(self.kg.entities.labels), list(self.kg.relations.labels))
+        every, losses = self.cfg.exchange.kge_publish_epochs, []
+        for e in range(1, loop.kge_epochs_per_round + 1):
+            losses.append(kge.train_epoch())
+            if e < loop.kge_epochs_per_round and every is not None and e % every == 0 and exchange is not None:
+                self._publish(kge, exchange)  # a snapshot inside the round, for an LM polling mid-round
+        snapshot = self._publish(kge, exchange)
         name = kge.checkpoint(self.storage.child("kge/ckpt"))
-        if exchange is not None:
-            ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ref,), epoch=kge.epoch)))
         row = {"kge_added_triples": added, "kge_epoch": kge.epoch, "kge_loss": losses[-1]["loss"],
                "kge_triples_per_s": float(np.median([x["triples_per_s"] for x in losses])), "kge_seconds": time.perf_counter() - t0,
                "kg_snapshot_version": snapshot.version, "kg_valid_mrr": self._kg_valid_mrr(kge, snapshot)}
         self.log(f"KGE epoch {kge.epoch}: loss {row['kge_loss']:.4f}, snapshot {snapshot.version}, valid MRR {row['kg_valid_mrr']:.4f}")
         return row, snapshot, name
+
+    def _publish(self, kge: ShardedKGE, exchange):
+        """A snapshot, exported under kge/snapshots/ and offered to the exchange."""
+        snapshot, ref = kge.publish(self.storage.child("kge"), list(self.kg.entities.labels), list(self.kg.relations.labels))
+        if exchange is not None:
+            ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ref,), epoch=kge.epoch)))
+        return snapshot
 
     def _lm_round(self, cfg: BikdConfig, rnd: int) -> tuple[dict, str]:
         """Train the LM to the end of round ``rnd`` (resuming), then probe its export. Returns (row, export)."""
@@ -346,7 +355,7 @@ class Driver:
                     assert got == rnd, (got, rnd)
                     with lock:
                         kge_row, version, snapshot = dict(newest.get("row", {})), newest.get("snapshot"), newest.get("model")
-                    row = {"round": rnd, **kge_row, **lm_row,
+                    row = {"round": rnd, **kge_row, **lm_row, "kg_snapshot_version": version,  # the newest, mined on
                            "kg_staleness": version - (lm_row.get("kg_table_version") or 0) if exchange else None}
                     row.update(self._mining_row(rnd, export, kge, snapshot))
                     with mined:

@@ -30,23 +30,24 @@ class ExchangeConfig:
     """How the two sides meet. ``actor``: the named exchange actor (null: the LM's KG table stays fixed);
     ``snapshots``: URL under which snapshots are exported (a version the actor no longer holds is read there).
     ``lm_poll_steps``: LM steps between polls for a newer snapshot (a poll is one small actor call on rank 0
-    and one broadcast: ~1 ms); ``kge_publish_epochs``: KGE epochs between published snapshots;
-    ``lm_export_steps``: LM steps between exports (what a mining round reads); ``keep_tables``: snapshots the
-    actor keeps referenced."""
+    and one broadcast: ~1 ms); ``kge_publish_epochs``: KGE epochs between published snapshots inside a KGE
+    round (null: once, at the end of each round; the LM side exports once per round of its own, what the
+    round's mining reads); ``keep_tables``: snapshots the actor keeps referenced."""
 
     actor: str | None = None
     namespace: str | None = None
     snapshots: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     lm_poll_steps: int = 20
-    kge_publish_epochs: int = 1
-    lm_export_steps: int = 100
+    kge_publish_epochs: int | None = None
     keep_tables: int = 3
 
     def __post_init__(self):
-        for key in ("lm_poll_steps", "kge_publish_epochs", "lm_export_steps", "keep_tables"):
+        for key in ("lm_poll_steps", "keep_tables"):
             if getattr(self, key) < 1:
                 raise ValueError(f"exchange.{key} must be >= 1, got {getattr(self, key)}")
+        if self.kge_publish_epochs is not None and self.kge_publish_epochs < 1:
+            raise ValueError(f"exchange.kge_publish_epochs must be >= 1 or null, got {self.kge_publish_epochs}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """jobs/bikd_full.py end to end on a tiny KG with text (tiny encoder, 2 rounds). Sync mode: the driver killed
 with SIGKILL mid-round and rerun ends in the same state as an uninterrupted run (KG store versions, KGE
-snapshots, LM export, per-round metrics). Async mode (the default): killed after its first mined round and
-rerun, it finishes with every round mined exactly once. ``--directions none`` mines nothing and never fuses."""
+snapshots, LM export, per-round metrics). Async mode (the default, snapshots published every
+KGE epoch): killed after its first mined round and rerun, it finishes with every round mined exactly once. ``--directions none`` mines nothing and never fuses."""
 
 from __future__ import annotations
 
@@ -134,15 +134,18 @@ def kill_after_round_1(kg: Path, run_dir: Path, *extra: str) -> None:
 
 def test_async_run_killed_after_a_round_resumes_and_mines_each_round_once(kg, tmp_path):
     run_dir = tmp_path / "async"
-    kill_after_round_1(kg, run_dir, "loop.mode=async", "exchange.lm_poll_steps=1")
-    resumed = run(kg, run_dir, "loop.mode=async", "exchange.lm_poll_steps=1")
+    extra = ("loop.mode=async", "exchange.lm_poll_steps=1", "loop.kge_epochs_per_round=2", "exchange.kge_publish_epochs=1")
+    kill_after_round_1(kg, run_dir, *extra)
+    resumed = run(kg, run_dir, *extra)
     assert "resuming" in resumed.stdout and "done after round 2" in resumed.stdout
     got = state(run_dir)
     assert [r["round"] for r in got["metrics"]] == [1, 2]
     store = KGStore(Storage(str(run_dir / "kg")))
     rounds = [v.meta["round_key"]["round"] for v in store.versions() if v.kind == "mined"]
     assert rounds == sorted(set(rounds)) and set(rounds) <= {1, 2}  # no round committed twice
-    assert set(got["snapshots"]) == {"v000001", "v000002"}  # the KGE side's 2 rounds, each published once
+    # the KGE side's 2 rounds of 2 epochs, published after every epoch, each version once
+    assert set(got["snapshots"]) == {"v000001", "v000002", "v000003", "v000004"}
+    assert [r["kg_snapshot_version"] for r in got["metrics"]] in ([2, 4], [4, 4])  # a round's newest when mined
     for row in got["metrics"]:
         assert row["kg_table_version"] >= 1 and row["kg_staleness"] >= 0 and "eval_nokg_accuracy" in row
     assert (run_dir / "report.md").exists() and list((run_dir / "tensorboard").iterdir())
