@@ -73,5 +73,5 @@ def test_every_readme_command_runs_as_written(tmp_path, fb15k237_dir):
         result = subprocess.run(args, capture_output=True, text=True, cwd=project, env=env, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert sorted(p.name for p in (project / "runs").iterdir()) == [
-        "bikd", "bikd_kg2lm", "extractor_fb15k237", "kg_demo", "kg_demo_nations", "kg_fb15k237", "kge_fb15k237_transe", "kge_umls",
+        "bikd", "extractor_fb15k237", "kg_demo", "kg_demo_nations", "kg_fb15k237", "kge_fb15k237_transe", "kge_umls",
         "kge_umls_local", "lm_umls", "lm_umls_z3"]
