@@ -16,34 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, add_common_args, start_run  # noqa: E402
+from bench.common import add_common_args, run_bikd_full, start_run  # noqa: E402
 
 DIRECTIONS = ("none", "kg2lm", "both")
 KEYS = ("kg_valid_mrr", "eval_accuracy", "eval_nokg_accuracy", "probe_p1", "probe_nokg_p1")
-
-
-def run_job(overrides: list[str], run_dir: Path) -> tuple[float, list[dict], dict]:
-    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), "--set", f"run_dir={run_dir}"]
-    for o in overrides:
-        args += ["--set", o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    start = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return time.perf_counter() - start, rows, json.loads((run_dir / "progress.json").read_text())
 
 
 def main() -> None:
@@ -60,7 +43,7 @@ def main() -> None:
         work = Path(args.work_dir or tmp)
         for seed in args.seeds:
             for d in DIRECTIONS:
-                wall, rows, final = run_job(["loop.mode=sync", f"loop.directions={d}", f"seed={seed}", *args.overrides],
+                wall, rows, final = run_bikd_full(["loop.mode=sync", f"loop.directions={d}", f"seed={seed}", *args.overrides],
                                             work / f"{d}_seed{seed}")
                 last = rows[-1]
                 got = {k: last.get(k) for k in KEYS}

@@ -173,3 +173,24 @@ def start_run(name: str, args: argparse.Namespace | dict | None = None, *, repo:
                          "Commit (or run from a clean worktree of the commit), or pass --allow-dirty.")
     return Run(name=name, args=json_safe(arg_dict), commit=sha + ("-dirty" if dirty and sha != "unknown" else ""),
                allow_dirty=allow_dirty, date=_now(), loadavg_start=loadavg())
+
+
+def run_bikd_full(overrides: list[str], run_dir: Path) -> tuple[float, list[dict], dict]:
+    """``python jobs/bikd_full.py`` in a fresh process (offline, local Ray) with ``run_dir`` and ``--set``
+    ``overrides``: (wall seconds, the per-round metrics rows, the final progress record). Exits with the
+    job's output tail when it fails."""
+    import sys
+
+    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), "--set", f"run_dir={run_dir}"]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return wall, rows, json.loads((run_dir / "progress.json").read_text())
+

@@ -23,35 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, add_common_args, start_run  # noqa: E402
+from bench.common import add_common_args, run_bikd_full, start_run  # noqa: E402
 
 RUNS = {"async_both": ["loop.mode=async"], "sync_both": ["loop.mode=sync"],
         "sync_none": ["loop.mode=sync", "loop.directions=none"]}
 
 
 def run_job(name: str, overrides: list[str], run_dir: Path) -> dict:
-    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), "--set", f"run_dir={run_dir}"]
-    for o in overrides:
-        args += ["--set", o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    start = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - start
-    if out.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    progress = json.loads((run_dir / "progress.json").read_text())
+    wall, rows, progress = run_bikd_full(overrides, run_dir)
     print(f"{name}: {wall:.0f} s, {len(rows)} rounds", flush=True)
     return {"wall_s": wall, "rows": rows, "final": progress}
 

@@ -4,6 +4,7 @@ bikd.driver)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -91,21 +92,32 @@ class Driver:
         return evaluate(kge.model(snapshot), valid, [self.kg.train, self.kg.valid, self.kg.test], self.kg.num_relations,
                         self.cfg.kg_eval).mrr
 
+    @functools.cached_property
+    def text(self):
+        """The KG's entity and relation text (read once: every round's mining and probe use it)."""
+        return text_from_config(self.cfg.data)
+
+    @functools.cached_property
+    def probe_facts(self) -> list:
+        """The cloze facts of the valid sample every round's probe asks."""
+        from bikd.lm.probe import cloze_facts
+        from bikd.lm.triple_cls import TripleVerbaliser
+
+        words = TripleVerbaliser.from_kg(self.kg, self.text)
+        return cloze_facts(self.kg.valid, words.entity_names, words.relation_texts, self.kg.relations.labels,
+                           limit=self.cfg.probe_limit)
+
     def _probe(self, export: str) -> dict:
         """The LM's cloze probe on valid triples, with the KG table and with it withheld."""
-        from bikd.lm.probe import cloze_facts, fused_lm_probe
+        from bikd.lm.probe import fused_lm_probe
         from bikd.lm.train import load_fused, load_fused_tokenizer
-        from bikd.lm.triple_cls import TripleVerbaliser
 
         storage = Storage(export, self.cfg.storage_options)
         model, tokenizer = load_fused(storage), load_fused_tokenizer(storage)
-        words = TripleVerbaliser.from_kg(self.kg, text_from_config(self.cfg.data))
-        facts = cloze_facts(self.kg.valid, words.entity_names, words.relation_texts, self.kg.relations.labels,
-                            limit=self.cfg.probe_limit)
         out = {}
         for key, kg in (("probe_p1", True), ("probe_nokg_p1", False)):
             try:
-                out[key] = fused_lm_probe(model, tokenizer, facts, kg=kg).p_at_1
+                out[key] = fused_lm_probe(model, tokenizer, self.probe_facts, kg=kg).p_at_1
             except ValueError:  # no relation with two candidates among the sampled facts
                 out[key] = None
         return out
@@ -150,7 +162,7 @@ class Driver:
             self.log(f"round {rnd}: mining was committed before the restart (KG version {done[-1].version})")
             return {"mined": done[-1].num_mined_added, "kg_version": done[-1].version}
         version = self.store.read()
-        linked = link_text(version, text_from_config(cfg.data), m.corpus, descriptions=m.descriptions,
+        linked = link_text(version, self.text, m.corpus, descriptions=m.descriptions,
                            max_pairs_per_passage=m.max_pairs_per_passage)
         out = self.storage.child(f"mining/round-{rnd:04d}/extractor")
         with tempfile.TemporaryDirectory() as tmp:

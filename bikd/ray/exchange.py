@@ -1,5 +1,5 @@
-"""The exchange point between the two sides: a named Ray actor holding the newest KG snapshots (KG -> LM) and
-the newest committed KG store version (LM -> KG), and the LM ranks' side of it.
+"""The KG -> LM exchange point: a named Ray actor holding the newest KG snapshots, and the LM ranks' side of
+it. (LM -> KG goes through the KG store, which the driver commits to and the KGE side reads.)
 
     KGE side --offer_table(TableOffer)--> Exchange <--newest_table()-- LM rank 0 (every lm_poll_steps)
                                                    --table(version)--> every LM rank, then set_kg_table
@@ -67,7 +67,6 @@ class Exchange:
         self.tables: dict[int, TableOffer] = {}
         self.num_polls = 0
         self.last_polled: int | None = None
-        self.kg_version = 0
 
     def offer_table(self, offer: TableOffer) -> int:
         newest = max(self.tables, default=0)
@@ -88,16 +87,9 @@ class Exchange:
     def table(self, version: int) -> TableOffer | None:
         return self.tables.get(version)
 
-    def offer_kg_version(self, version: int) -> int:
-        self.kg_version = max(self.kg_version, int(version))
-        return self.kg_version
-
-    def newest_kg_version(self) -> int:
-        return self.kg_version
-
     def stats(self) -> dict:
         return {"num_polls": self.num_polls, "last_polled": self.last_polled, "newest": max(self.tables, default=None),
-                "held": sorted(self.tables), "kg_version": self.kg_version}
+                "held": sorted(self.tables)}
 
 
 def exchange_actor(cfg: ExchangeConfig, *, create: bool = False):
@@ -116,12 +108,10 @@ class TableFeed:
     def __init__(self, cfg: ExchangeConfig, base: KGTable, rank: int = 0):
         self.cfg, self.base, self.rank = cfg, base, rank
         self.actor = exchange_actor(cfg)
-        self.num_polls = 0
 
     def newest(self, broadcast) -> int | None:
         """The newest published version (None: none yet). ``broadcast(obj) -> obj`` sends rank 0's object to
         every rank (the identity for one rank)."""
-        self.num_polls += 1
         version = None
         if self.rank == 0:
             offer = ray.get(self.actor.newest_table.remote())
