@@ -175,13 +175,14 @@ def start_run(name: str, args: argparse.Namespace | dict | None = None, *, repo:
                allow_dirty=allow_dirty, date=_now(), loadavg_start=loadavg())
 
 
-def run_bikd_full(overrides: list[str], run_dir: Path) -> tuple[float, list[dict], dict]:
-    """``python jobs/bikd_full.py`` in a fresh process (offline, local Ray) with ``run_dir`` and ``--set``
-    ``overrides``: (wall seconds, the per-round metrics rows, the final progress record). Exits with the
-    job's output tail when it fails."""
+def run_bikd_full(overrides: list[str], run_dir: Path, config: str | None = None) -> tuple[float, list[dict], dict]:
+    """``python jobs/bikd_full.py [--config config]`` in a fresh process (offline, local Ray) with ``run_dir``
+    and ``--set`` ``overrides``: (wall seconds, the per-round metrics rows, the final progress record). Exits
+    with the job's output tail when it fails."""
     import sys
 
-    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), "--set", f"run_dir={run_dir}"]
+    args = [sys.executable, str(ROOT / "jobs" / "bikd_full.py"), *(["--config", config] if config else []),
+            "--set", f"run_dir={run_dir}"]
     for o in overrides:
         args += ["--set", o]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -38,7 +38,8 @@ def loop(config: dict) -> dict:
     import torch.distributed as dist
     from transformers import BertConfig, BertModel
 
-    from bikd.ray.lm_train import DeepSpeedConfig, LMJobConfig, TrainConfig, deepspeed_config, set_malloc_mmap_threshold
+    from bikd.ray.lm_train import (DeepSpeedConfig, LMJobConfig, TrainConfig, deepspeed_config, set_malloc_mmap_threshold,
+                                   skip_shm_comm_build)
 
     torch.set_num_threads(1)
     stage, batch, seq = config["stage"], config["batch_size"], config["seq_len"]
@@ -46,6 +47,7 @@ def loop(config: dict) -> dict:
     extra = {field: config[key] for key, field in names.items() if config[key] is not None}
     job = LMJobConfig(train=TrainConfig(batch_size=batch, lr=1e-5), deepspeed=DeepSpeedConfig(zero_stage=stage, bf16=False, **extra))
     set_malloc_mmap_threshold(job.deepspeed.malloc_mmap_threshold)  # as bikd's LM job does on CPU
+    skip_shm_comm_build()
     ds = deepspeed_config(job, total_steps=config["steps"] + 1, bf16=False)
 
     class Classifier(torch.nn.Module):

@@ -6,15 +6,20 @@ One round, ``sync`` mode (alternating, reproducible on CPU):
     KGE   add the KG store's newly mined triples (weights: the miner's confidences), train
           ``kge_epochs_per_round`` epochs, publish snapshot r (object store + run_dir/kge/snapshots/v..r),
           checkpoint, evaluate (filtered MRR on valid)
-    LM    train ``lm_steps_per_round`` more steps; at its first step it polls the exchange and swaps in
-          snapshot r; checkpoint + export (run_dir/lm/exports/round-r); task metric with and without the table
+    LM    the driver allows LM round r; the LM trains ``lm_steps_per_round`` more steps (at the first it polls
+          the exchange and swaps in snapshot r), evaluates the task with and without the table, exports
+          (run_dir/lm/exports/round-r), checkpoints, and posts the round to the exchange actor
     LM->KG  (directions=both) an extractor fine-tuned from the LM export's encoder scores the round's
           candidates on the mining pool; the accepted triples are committed as one KG store version
     record  metrics.jsonl, progress.json (the last completed round), report
 
-``async`` mode (the default): both sides run at once in driver threads, each at its own pace. The KGE side
+The LM side is one Ray Train fit over all rounds (bikd.driver.sides.LMSide), so its worker group and
+DeepSpeed engine start once per run; a round is a stretch of its steps, posted to the exchange actor once its
+export is complete and its checkpoint committed (a driver never acts on a round a restart could take back).
+
+``async`` mode (the default): both sides run at once, each at its own pace. The KGE side (a driver thread)
 runs its rounds back to back (adding whatever has been mined by then, publishing after each); the LM side
-runs its rounds back to back, polling the exchange every ``exchange.lm_poll_steps`` steps and swapping in the
+runs its rounds back to back without waiting for the driver, polling the exchange every ``exchange.lm_poll_steps`` steps and swapping in the
 newest snapshot mid-round; each finished LM round is mined on the newest snapshot while both sides go on.
 Staleness (snapshot versions between the newest and the one the LM used) is recorded per round.
 
@@ -24,7 +29,7 @@ flow to the LM), ``both``. Stopping: ``loop.rounds``, ``loop.time_budget_s``, or
 
 Resume: a rerun with the same run_dir continues after the last completed round: the KGE side restores the
 checkpoint that round wrote (async: its newest) and re-adds the store's later mined triples, the LM side resumes from its
-checkpoint (fusing the snapshot version it recorded), and a round whose mining commit landed before the
+checkpoint (fusing the snapshot version it recorded; the rounds up to it are posted again from their exports), and a round whose mining commit landed before the
 kill is not mined twice. Every file appears atomically (manifest last), so no KG version is lost or doubled.
 """
 

@@ -27,7 +27,7 @@ from bikd.mining.candidates import CandidateConfig
 from bikd.mining.round import MiningConfig
 from bikd.ray.exchange import ExchangeConfig
 from bikd.ray.kge import DistConfig
-from bikd.ray.lm_train import LMJobConfig, validate as validate_lm
+from bikd.ray.lm_train import LMJobConfig, RoundsConfig, validate as validate_lm
 from bikd.ray.mining import ScoringConfig
 from bikd.storage import join_url
 
@@ -151,25 +151,25 @@ def required_cpus(cfg: BikdConfig) -> dict[str, float]:
             "mining": cfg.mine.scoring.num_actors * cfg.mine.scoring.num_cpus if cfg.loop.directions == "both" else 0.0}
 
 
-def lm_side(cfg: BikdConfig, rnd: int, base_snapshot: str) -> LMJobConfig:
-    """The LM job of round ``rnd``: ``rnd`` x steps-per-round steps on one schedule, resuming from the round
-    before; the KG table starts from the first snapshot and follows the exchange (none: never used)."""
+def lm_side(cfg: BikdConfig, base_snapshot: str) -> LMJobConfig:
+    """The LM side's one fit: ``rounds`` x ``lm_steps_per_round`` steps on one schedule, cut into rounds (each
+    exported to lm/exports/round-NNNN, checkpointed and posted to the exchange actor ``cfg.exchange.actor``;
+    sync: each round starts when the driver allows it). The KG table starts from the first snapshot and
+    follows the exchange (none: no links, no KD, so never used)."""
     loop, lm = cfg.loop, cfg.lm
-    steps = rnd * loop.lm_steps_per_round
-    train = dataclasses.replace(lm.train, steps=steps, schedule_steps=loop.rounds * loop.lm_steps_per_round,
-                                checkpoint_every=loop.lm_steps_per_round, eval_every=None)
-    task, kd = lm.task, lm.kd
-    exchange = dataclasses.replace(cfg.exchange, actor=None)
+    steps = loop.rounds * loop.lm_steps_per_round
+    train = dataclasses.replace(lm.train, steps=steps, schedule_steps=steps, checkpoint_every=loop.lm_steps_per_round,
+                                eval_every=None)
+    task, kd, exchange = lm.task, lm.kd, cfg.exchange
     if loop.directions == "none":  # the plain LM: no links, so no fusion and no KD
         task, kd = dataclasses.replace(task, link=False), dataclasses.replace(kd, entity_weight=0.0, relation_weight=0.0)
     elif loop.mode == "sync":  # polled at the round's first step: the snapshot of this round
-        exchange = dataclasses.replace(cfg.exchange, lm_poll_steps=math.gcd(cfg.exchange.lm_poll_steps, loop.lm_steps_per_round))
-    else:
-        exchange = cfg.exchange
+        exchange = dataclasses.replace(exchange, lm_poll_steps=math.gcd(exchange.lm_poll_steps, loop.lm_steps_per_round))
     return dataclasses.replace(
         lm, data=cfg.data, train=train, task=task, kd=kd, exchange=exchange,
+        rounds=RoundsConfig(steps=loop.lm_steps_per_round, gated=loop.mode == "sync"),
         kg=dataclasses.replace(lm.kg, export=base_snapshot), storage_path=join_url(cfg.run_dir, "lm"), name="ckpt",
-        storage_options=cfg.storage_options, export_path=join_url(cfg.run_dir, "lm", "exports", f"round-{rnd:04d}"))
+        storage_options=cfg.storage_options, export_path=join_url(cfg.run_dir, "lm", "exports"))
 
 
 def validate(cfg: BikdConfig) -> BikdConfig:

@@ -8,7 +8,6 @@ import functools
 import io
 import json
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -27,9 +26,8 @@ from bikd.mining.candidates import generate
 from bikd.mining.extract import encoder_from_export, fit_extractor
 from bikd.mining.inputs import link_text
 from bikd.mining.round import known_triples, run_round
-from bikd.ray.exchange import TableOffer, exchange_actor
+from bikd.ray.exchange import LMRound, TableOffer, exchange_actor
 from bikd.ray.kge import ShardedKGE
-from bikd.ray.lm_train import run as run_lm
 from bikd.kge.export import load_embeddings
 from bikd.ray.messages import Snapshot, snapshot_prefix
 from bikd.ray.mining import ActorScorer, extractor_factory
@@ -38,6 +36,7 @@ from bikd.runs import RunDir
 from bikd.storage import Storage
 
 from bikd.driver.config import BikdConfig, lm_side
+from bikd.driver.sides import LMSide
 
 __all__ = ["Driver", "precision_at"]
 
@@ -230,16 +229,20 @@ class Driver:
             ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ref,), epoch=kge.epoch)))
         return snapshot
 
-    def _lm_round(self, cfg: BikdConfig, rnd: int) -> tuple[dict, str]:
-        """Train the LM to the end of round ``rnd`` (resuming), then probe its export. Returns (row, export)."""
-        t0 = time.perf_counter()
-        lm = run_lm(lm_side(cfg, rnd, self.storage.url_of(f"kge/{snapshot_prefix(1)}"))).metrics
+    def _start_lm(self, cfg: BikdConfig, exchange) -> LMSide:
+        """The LM side's one fit (once snapshot 1 is exported: its base table), resuming from its checkpoint."""
+        return LMSide(lm_side(cfg, self.storage.url_of(f"kge/{snapshot_prefix(1)}")), exchange)
+
+    def _lm_row(self, done: LMRound) -> tuple[dict, str]:
+        """The row of a finished LM round, with the probe of its export. Returns (row, export)."""
+        lm, t0 = done.metrics, time.perf_counter()
         row = {k: lm[k] for k in lm if k.startswith("eval_") or k in (
             "task_loss", "kd_entity_loss", "kd_relation_loss", "rows_per_s", "kg_table_version", "kg_versions_behind")}
-        row.update(lm_step=lm["step"], lm_seconds=time.perf_counter() - t0, **self._probe(lm["export"]))
-        self.log(f"round {rnd}: LM step {row['lm_step']}, " + ", ".join(
+        row.update(lm_step=done.step, **self._probe(done.export))
+        row["lm_seconds"] = lm.get("round_seconds", 0.0) + time.perf_counter() - t0
+        self.log(f"round {done.round}: LM step {row['lm_step']}, " + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if (k.startswith(("eval_", "probe_"))) and isinstance(v, float)))
-        return row, lm["export"]
+        return row, done.export
 
     def _close_round(self, row: dict, rows: list[dict], start: float, progress: dict) -> str | None:
         """Record the round (metrics, report, progress); the reason to stop, if any."""
@@ -274,16 +277,18 @@ class Driver:
             kge.restore(kge_ckpt, progress.get("kge_checkpoint") if loop.mode == "sync" else None)
             self.log(f"resuming {self.rundir.url} after round {done} (KGE epoch {kge.epoch}, snapshot {kge.snapshot_version}, "
                      f"KG version {self.store.head})")
-        exchange = None
-        if loop.directions != "none":
-            xcfg = dataclasses.replace(cfg.exchange, actor=self.exchange_name, snapshots=self.storage.url_of("kge"),
-                                       storage_options=cfg.storage_options)
-            exchange = exchange_actor(xcfg, create=True)
-            cfg = dataclasses.replace(cfg, exchange=xcfg)
-        rows = self._metrics_lines()[:done]
+        # the exchange carries the LM side's rounds in every mode; snapshots are offered to it unless directions=none
+        xcfg = dataclasses.replace(cfg.exchange, actor=self.exchange_name, snapshots=self.storage.url_of("kge"),
+                                   storage_options=cfg.storage_options)
+        actor = exchange_actor(xcfg, create=True)
+        cfg = dataclasses.replace(cfg, exchange=xcfg)
+        offer = actor if loop.directions != "none" else None
+        rows, sides = self._metrics_lines()[:done], {}
         try:
             run_rounds = self._sync if loop.mode == "sync" else self._async
-            stop = run_rounds(cfg, kge, exchange, done, rows, start)
+            stop = run_rounds(cfg, kge, actor, offer, sides, done, rows, start)
+            if "lm" in sides and stop is None:
+                sides["lm"].finish()
             last = rows[-1]["round"] if rows else done
             final = {"round": last, "stopped_by": stop or f"{loop.rounds} rounds", "kg_version": self.store.head,
                      "kg_test": self._kg_test(kge)}
@@ -291,37 +296,44 @@ class Driver:
             self.rundir.mark_finished(**final)
             return final
         finally:
-            kge.shutdown()
-            if exchange is not None:
-                ray.kill(exchange)
+            try:
+                if "lm" in sides:
+                    sides["lm"].close()
+            finally:
+                kge.shutdown()
+                ray.kill(actor)
 
-    def _sync(self, cfg: BikdConfig, kge: ShardedKGE, exchange, done: int, rows: list[dict], start: float) -> str | None:
-        """Alternating rounds: KGE, then LM on its snapshot, then mining on the LM's export."""
+    def _sync(self, cfg: BikdConfig, kge: ShardedKGE, actor, offer, sides: dict, done: int, rows: list[dict],
+              start: float) -> str | None:
+        """Alternating rounds: KGE, then the LM's round on its snapshot, then mining on the LM's export."""
         for rnd in range(done + 1, cfg.loop.rounds + 1):
-            kge_row, snapshot, name = self._kge_round(kge, exchange)
-            lm_row, export = self._lm_round(cfg, rnd)
+            kge_row, snapshot, name = self._kge_round(kge, offer)
+            if "lm" not in sides:
+                sides["lm"] = self._start_lm(cfg, actor)
+            sides["lm"].allow(rnd)
+            lm_row, export = self._lm_row(sides["lm"].result(rnd))
             row = {"round": rnd, **kge_row, **lm_row,
-                   "kg_staleness": snapshot.version - (lm_row.get("kg_table_version") or 0) if exchange else None}
+                   "kg_staleness": snapshot.version - (lm_row.get("kg_table_version") or 0) if offer else None}
             row.update(self._mining_row(rnd, export, kge, snapshot))
             if stop := self._close_round(row, rows, start, {"kge_checkpoint": name, "snapshot_version": snapshot.version}):
                 self.log(f"stopping after round {rnd}: {stop}")
                 return stop
         return None
 
-    def _async(self, cfg: BikdConfig, kge: ShardedKGE, exchange, done: int, rows: list[dict], start: float) -> str | None:
-        """Both sides at once, each at its own pace: the KGE side runs its rounds (publishing a snapshot after
-        each, at most ``loop.max_kge_lead`` rounds ahead of the mining), the LM side its rounds without waiting
-        (swapping in the newest snapshot every exchange.lm_poll_steps); each finished LM round is mined, on
-        the newest snapshot, while both go on."""
+    def _async(self, cfg: BikdConfig, kge: ShardedKGE, actor, offer, sides: dict, done: int, rows: list[dict],
+               start: float) -> str | None:
+        """Both sides at once, each at its own pace: the KGE side runs its rounds in a thread (publishing a
+        snapshot after each, at most ``loop.max_kge_lead`` rounds ahead of the mining), the LM side its rounds
+        in its fit without waiting (swapping in the newest snapshot every exchange.lm_poll_steps); each
+        finished LM round is mined, on the newest snapshot, while both go on."""
         loop, lock, halt = cfg.loop, threading.Lock(), threading.Event()
         newest: dict[str, Any] = {}
         first = threading.Event()
-        lm_rounds: queue.Queue = queue.Queue()
         if kge.snapshot_version:  # resumed: the snapshot its checkpoint published is the newest (a new exchange)
             snapshot = self._published(kge.snapshot_version)
             newest.update(snapshot=snapshot.version, model=snapshot)
-            if exchange is not None:
-                ray.get(exchange.offer_table.remote(TableOffer(version=snapshot.version, refs=(ray.put(snapshot),))))
+            if offer is not None:
+                ray.get(offer.offer_table.remote(TableOffer(version=snapshot.version, refs=(ray.put(snapshot),))))
             first.set()
 
         mined = threading.Condition()
@@ -336,39 +348,27 @@ class Driver:
                         mined.wait(1.0)
                 if halt.is_set():
                     return
-                row, snapshot, _ = self._kge_round(kge, exchange)
+                row, snapshot, _ = self._kge_round(kge, offer)
                 with lock:
                     newest.update(row=row, snapshot=snapshot.version, model=snapshot)
                 first.set()
 
-        def lm_side_loop() -> None:
-            while not first.wait(1.0):
-                if halt.is_set():
-                    return
-            for rnd in range(done + 1, loop.rounds + 1):
-                if halt.is_set():
-                    return
-                lm_rounds.put((rnd, *self._lm_round(cfg, rnd)))
+        def check() -> None:
+            if side.done() and side.exception() is not None:
+                raise side.exception()
 
-        with ThreadPoolExecutor(2, thread_name_prefix="bikd-side") as pool:
-            sides = [pool.submit(kge_side), pool.submit(lm_side_loop)]
+        with ThreadPoolExecutor(1, thread_name_prefix="bikd-kge") as pool:
+            side = pool.submit(kge_side)
             try:
+                while not first.wait(1.0):  # the LM's base table is snapshot 1
+                    check()
+                sides["lm"] = self._start_lm(cfg, actor)
                 for rnd in range(done + 1, loop.rounds + 1):
-                    while True:  # the LM's next round, or a side's error
-                        try:
-                            got, lm_row, export = lm_rounds.get(timeout=1.0)
-                            break
-                        except queue.Empty:
-                            for f in sides:
-                                if f.done() and f.exception() is not None:
-                                    raise f.exception()
-                            if sides[1].done():
-                                raise RuntimeError("the LM side ended before its last round")
-                    assert got == rnd, (got, rnd)
+                    lm_row, export = self._lm_row(sides["lm"].result(rnd, check))
                     with lock:
                         kge_row, version, snapshot = dict(newest.get("row", {})), newest.get("snapshot"), newest.get("model")
                     row = {"round": rnd, **kge_row, **lm_row, "kg_snapshot_version": version,  # the newest, mined on
-                           "kg_staleness": version - (lm_row.get("kg_table_version") or 0) if exchange else None}
+                           "kg_staleness": version - (lm_row.get("kg_table_version") or 0) if offer else None}
                     row.update(self._mining_row(rnd, export, kge, snapshot))
                     with mined:
                         progress["mined"] = rnd
@@ -378,8 +378,9 @@ class Driver:
                         return stop
             finally:
                 halt.set()
-                for f in sides:
-                    f.result()  # an error of a side surfaces here
+                with mined:
+                    mined.notify_all()
+                side.result()  # an error of the KGE side surfaces here
         return None
 
     def _published(self, version: int) -> Snapshot:

@@ -1,8 +1,13 @@
 """The KG -> LM exchange point: a named Ray actor holding the newest KG snapshots, and the LM ranks' side of
 it. (LM -> KG goes through the KG store, which the driver commits to and the KGE side reads.)
 
-    KGE side --offer_table(TableOffer)--> Exchange <--newest_table()-- LM rank 0 (every lm_poll_steps)
+    KGE side --offer_table(TableOffer)--> Exchange <--poll()-- LM rank 0 (every lm_poll_steps)
                                                    --table(version)--> every LM rank, then set_kg_table
+
+A driver running the LM as one long fit cut into rounds (``bikd.ray.lm_train.RoundsConfig``) meets it here too:
+
+    driver --allow_lm_round(k) / stop_lm()--> Exchange <--poll(): LMGate-- LM rank 0 (at polls and round ends)
+    driver <--lm_round(k)-- Exchange <--post_lm_round(LMRound)-- LM rank 0, once round k's export and checkpoint are in
 
 The actor holds references only (a snapshot lives in the object store, put by whoever published it); it
 keeps the newest ``keep_tables``. A version it no longer holds (or one from before a driver restart, whose
@@ -13,6 +18,7 @@ table its checkpoint fused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +28,7 @@ from bikd.lm.kg_teacher import KGTable
 from bikd.ray.messages import snapshot_prefix
 from bikd.storage import Storage
 
-__all__ = ["ExchangeConfig", "TableOffer", "Exchange", "TableFeed", "exchange_actor", "snapshot_prefix"]
+__all__ = ["ExchangeConfig", "TableOffer", "LMGate", "LMRound", "Exchange", "TableFeed", "exchange_actor", "snapshot_prefix"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -60,6 +66,27 @@ class TableOffer:
     epoch: int = 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class LMGate:
+    """What LM rank 0 learns at a poll: the newest snapshot version (None before the first), the last LM round
+    the driver has allowed to start (gated rounds), and whether the driver asks the LM to stop."""
+
+    newest: int | None
+    allowed: int
+    stop: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMRound:
+    """LM round ``round`` is done: its export (complete) and checkpoint (committed) are in. ``metrics``: the
+    round-end report (task metric with and without the table, losses, table version, throughput)."""
+
+    round: int
+    step: int
+    export: str
+    metrics: dict
+
+
 @ray.remote(num_cpus=0)
 class Exchange:
     def __init__(self, keep_tables: int = 3):
@@ -67,6 +94,8 @@ class Exchange:
         self.tables: dict[int, TableOffer] = {}
         self.num_polls = 0
         self.last_polled: int | None = None
+        self.lm_allowed, self.lm_stop = 0, False
+        self.lm_rounds: dict[int, LMRound] = {}
 
     def offer_table(self, offer: TableOffer) -> int:
         newest = max(self.tables, default=0)
@@ -86,6 +115,22 @@ class Exchange:
 
     def table(self, version: int) -> TableOffer | None:
         return self.tables.get(version)
+
+    def poll(self) -> LMGate:
+        offer = self.newest_table()
+        return LMGate(newest=None if offer is None else offer.version, allowed=self.lm_allowed, stop=self.lm_stop)
+
+    def allow_lm_round(self, rnd: int) -> None:
+        self.lm_allowed = max(self.lm_allowed, rnd)
+
+    def stop_lm(self) -> None:
+        self.lm_stop = True
+
+    def post_lm_round(self, done: LMRound) -> None:
+        self.lm_rounds[done.round] = done  # a round posted again after a resume is the same round
+
+    def lm_round(self, rnd: int) -> LMRound | None:
+        return self.lm_rounds.get(rnd)
 
     def stats(self) -> dict:
         return {"num_polls": self.num_polls, "last_polled": self.last_polled, "newest": max(self.tables, default=None),
@@ -109,14 +154,26 @@ class TableFeed:
         self.cfg, self.base, self.rank = cfg, base, rank
         self.actor = exchange_actor(cfg)
 
+    def poll(self, broadcast) -> LMGate:
+        """Rank 0 asks, every rank gets the answer. ``broadcast(obj) -> obj`` sends rank 0's object to every
+        rank (the identity for one rank)."""
+        return broadcast(ray.get(self.actor.poll.remote()) if self.rank == 0 else None)
+
     def newest(self, broadcast) -> int | None:
-        """The newest published version (None: none yet). ``broadcast(obj) -> obj`` sends rank 0's object to
-        every rank (the identity for one rank)."""
-        version = None
+        """The newest published version (None: none yet)."""
+        return self.poll(broadcast).newest
+
+    def wait_allowed(self, rnd: int, broadcast, interval_s: float = 0.2) -> bool:
+        """Blocks until the driver allows LM round ``rnd`` (True) or asks the LM to stop (False)."""
+        while True:
+            gate = self.poll(broadcast)
+            if gate.stop or gate.allowed >= rnd:
+                return not gate.stop
+            time.sleep(interval_s)
+
+    def post(self, done: LMRound) -> None:
         if self.rank == 0:
-            offer = ray.get(self.actor.newest_table.remote())
-            version = None if offer is None else offer.version
-        return broadcast(version)
+            ray.get(self.actor.post_lm_round.remote(done))
 
     def table(self, version: int) -> KGTable:
         if version == self.base.version:

@@ -35,11 +35,11 @@ from bikd.lm.model import LMConfig
 from bikd.lm.train import (KGTableConfig, TaskConfig, build_lm, default_squad_path, encoder_num_layers, export_fused,
                            load_kg_table, state_digest)
 from bikd.lm.trainer import LOSSES, LMTrainer, TrainConfig, build_parts
-from bikd.ray.exchange import ExchangeConfig, TableFeed
+from bikd.ray.exchange import ExchangeConfig, LMRound, TableFeed
 from bikd.storage import Storage, join_url, url_exists
 
-__all__ = ["DeepSpeedConfig", "TrainConfig", "FaultConfig", "LMJobConfig", "lm_config", "deepspeed_config",
-           "set_malloc_mmap_threshold",
+__all__ = ["DeepSpeedConfig", "TrainConfig", "FaultConfig", "RoundsConfig", "round_export", "LMJobConfig", "lm_config", "deepspeed_config",
+           "set_malloc_mmap_threshold", "skip_shm_comm_build",
            "ray_storage", "validate", "train_loop_per_worker", "run"]
 
 TAG, META = "deepspeed", "bikd_checkpoint.json"
@@ -98,6 +98,27 @@ class FaultConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class RoundsConfig:
+    """For a driver running the LM as one fit cut into rounds (bikd.driver): null ``steps``: no rounds. At the
+    end of round k (step k x ``steps``) the ranks evaluate (with and without the table), rank 0 exports to
+    ``<export_path>/round-NNNN``, the checkpoint is written and committed, and then rank 0 posts an
+    ``LMRound`` to the exchange actor. ``gated``: round k starts only once the driver has allowed it there
+    (sync mode). The driver's stop ends the fit at the next poll or round end."""
+
+    steps: int | None = None
+    gated: bool = False
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"rounds.steps must be >= 1 or null, got {self.steps}")
+
+
+def round_export(export_path: str, rnd: int) -> str:
+    """Where round ``rnd`` of a run in rounds exports."""
+    return join_url(export_path, f"round-{rnd:04d}")
+
+
+@dataclass(kw_only=True, frozen=True)
 class LMJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     kg: KGTableConfig = field(default_factory=KGTableConfig)
@@ -121,6 +142,7 @@ class LMJobConfig:
     keep_checkpoints: int = 2
     #: with ``exchange.actor`` set, the KG table follows the snapshots published there (every lm_poll_steps)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     debug: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
@@ -132,6 +154,8 @@ class LMJobConfig:
             raise ValueError(f"max_failures must be >= -1 and keep_checkpoints >= 1, got {self.max_failures}, {self.keep_checkpoints}")
         if self.debug.fail_at_step is not None and not 0 <= self.debug.fail_rank < self.num_workers:
             raise ValueError(f"debug.fail_rank {self.debug.fail_rank} is not a rank of {self.num_workers} workers")
+        if self.rounds.steps is not None and not self.exchange.actor:
+            raise ValueError("rounds.steps needs exchange.actor (the rounds are posted there)")
 
 
 def lm_config(cfg: LMJobConfig) -> LMConfig:
@@ -224,13 +248,25 @@ def _full_state(lm) -> dict[str, torch.Tensor]:
     return out
 
 
-def _export(lm, cfg: LMJobConfig, table, rank: int, extra: dict) -> None:
+def _export(lm, cfg: LMJobConfig, table, rank: int, extra: dict, path: str) -> None:
     state = _full_state(lm)
     if rank == 0:
         fresh, tokenizer = build_lm(lm_config(cfg), table)
         missing, unexpected = fresh.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {n for n, _ in fresh.named_buffers()}, (missing, unexpected)
-        export_fused(fresh, tokenizer, Storage(cfg.export_path, cfg.storage_options), extra=extra)
+        export_fused(fresh, tokenizer, Storage(path, cfg.storage_options), extra=extra)
+
+
+def _repost_rounds(cfg: LMJobConfig, feed: TableFeed, step: int) -> None:
+    """After a resume at step ``step`` (rank 0): post every round up to it again from its export's manifest
+    (the driver of a restarted run may not have recorded them; a round's export is complete before its
+    checkpoint is written, so each is there)."""
+    for rnd in range(1, step // cfg.rounds.steps + 1):
+        path = round_export(cfg.export_path, rnd)
+        storage = Storage(path, cfg.storage_options)
+        if storage.exists("manifest.json"):
+            extra = json.loads(storage.read_text("manifest.json"))["extra"]
+            feed.post(LMRound(round=rnd, step=extra["step"], export=path, metrics={**extra["metrics"], "export": path}))
 
 
 def _restore(engine, trainer: LMTrainer, checkpoint, cfg: LMJobConfig, world: int, feed: TableFeed | None) -> list[dict]:
@@ -253,6 +289,17 @@ def _broadcast(obj):
     return box[0]
 
 
+def skip_shm_comm_build() -> None:
+    """Keeps DeepSpeed from building its shared-memory all-reduce when its comm backend starts: a C++ JIT
+    compile (plus a compiler probe of every op) of ~100 s on 2 cores, once per machine and again whenever the
+    Python prefix changes, for an op only ``inference_all_reduce`` uses; training reduces through the
+    process group either way."""
+    import importlib
+
+    # by module name: the attribute deepspeed.comm.torch is the torch package, not DeepSpeed's module
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def set_malloc_mmap_threshold(num_bytes: int) -> bool:
     """glibc ``mallopt(M_MMAP_THRESHOLD, num_bytes)`` in this process (fixes the threshold: glibc stops
     adapting it); False where there is no glibc (macOS) or ``num_bytes`` is 0."""
@@ -273,6 +320,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     Returns (rank 0) the history of reports."""
     import deepspeed
 
+    skip_shm_comm_build()
     cfg: LMJobConfig = config["cfg"]
     table = config["table"]
     ctx = ray.train.get_context()
@@ -300,39 +348,47 @@ def train_loop_per_worker(config: dict) -> dict | None:
         extra.update(resumed_from_step=trainer.step, resumed_table_version=trainer.table_version)
         if cfg.debug.param_digest:
             extra["resume_digest"] = state_digest(_full_state(lm))
+    per_round = cfg.rounds.steps
     sums, count, clock = torch.zeros(len(LOSSES), dtype=torch.float64), 0, time.perf_counter()
     behind, newest = 0, trainer.table_version  # staleness: versions behind the newest, at the polls of a window
-    finished = False
+    finished, stopped, round_clock = False, False, time.perf_counter()
 
-    def poll() -> None:
+    def poll() -> bool:
+        """Swap in a newer snapshot (every rank, at the same step); False when the driver asks to stop."""
         nonlocal behind, newest
-        version = feed.newest(_broadcast)
-        if version is None or (trainer.table_version is not None and version <= trainer.table_version):
-            return
-        newest = version
-        behind = max(behind, version - (trainer.table_version or 0))
-        trainer.swap_table(feed.table(version))  # every rank, at the same step
+        gate = feed.poll(_broadcast)
+        version = gate.newest
+        if version is not None and (trainer.table_version is None or version > trainer.table_version):
+            newest = version
+            behind = max(behind, version - (trainer.table_version or 0))
+            trainer.swap_table(feed.table(version))
+        return not gate.stop
 
     def report(final: bool) -> None:
-        nonlocal sums, count, clock, finished, behind
+        nonlocal sums, count, clock, finished, behind, round_clock
         finished = final
         step, t = trainer.step, cfg.train
+        rnd = step // per_round if per_round and step % per_round == 0 else None  # a round's end
         stats = torch.cat([sums, torch.tensor([count], dtype=torch.float64)]).to(device)
         dist.all_reduce(stats)  # sums over ranks: means of every rank's steps since the last report
         metrics = {"step": step, "epoch": step / trainer.per_epoch, "lr": trainer.lr(), **extra,
                    "kg_table_version": trainer.table_version, "kg_newest_version": newest, "kg_versions_behind": behind,
                    **{k: float(v) / max(float(stats[-1]), 1.0) for k, v in zip(LOSSES, stats[:-1])},
                    "rows_per_s": float(stats[-1]) * t.batch_size / max(time.perf_counter() - clock, 1e-9)}
-        if final or (t.eval_every and step % t.eval_every == 0):
+        if rnd is not None:
+            metrics.update(round=rnd, round_seconds=time.perf_counter() - round_clock)
+        if final or rnd is not None or (t.eval_every and step % t.eval_every == 0):
             metrics.update(trainer.evaluate_both())
         if cfg.debug.param_digest:
             metrics["param_digest"] = state_digest(_full_state(lm))
-        if final:
-            metrics["export"] = cfg.export_path
-            _export(lm, cfg, lm.table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}})
+        export = None
+        if final or rnd is not None:
+            export = cfg.export_path if rnd is None else round_export(cfg.export_path, rnd)
+            metrics["export"] = export
+            _export(lm, cfg, lm.table, rank, {"step": step, "metrics": {k: v for k, v in metrics.items() if k != "export"}}, export)
         if rank == 0 and float(stats[-1]) > 0:  # (Ray Train logs every report as it arrives; a report with no
             history.append(metrics)             # step since the last, after a resume from the last checkpoint, has no losses)
-        if (final or step % t.checkpoint_every == 0) and step != extra["resumed_from_step"]:  # not over the one read
+        if (final or rnd is not None or step % t.checkpoint_every == 0) and step != extra["resumed_from_step"]:  # not over the one read
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag=TAG, client_state=trainer.state_dict())
                 if rank == 0:
@@ -341,12 +397,27 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:09d}")
         else:
             ray.train.report(metrics)
+        if rnd is not None and feed is not None:
+            if rank == 0:  # the driver acts on a round once a restart cannot take it back
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            feed.post(LMRound(round=rnd, step=step, export=export, metrics=metrics))
         sums, count, clock, behind = torch.zeros_like(sums), 0, time.perf_counter(), 0
+        if rnd is not None:
+            round_clock = time.perf_counter()
 
+    if per_round and trainer.step and rank == 0:
+        _repost_rounds(cfg, feed, trainer.step)
+    finished = per_round is not None and trainer.done and trainer.step % per_round == 0  # resumed from the last round's end
     engine.train()
     while not trainer.done:
-        if feed is not None and trainer.step % cfg.exchange.lm_poll_steps == 0:
-            poll()
+        if per_round and cfg.rounds.gated and trainer.step % per_round == 0:
+            if not feed.wait_allowed(trainer.step // per_round + 1, _broadcast):
+                stopped = True
+                break
+            clock = round_clock = time.perf_counter()  # waiting for the driver is not the LM's time
+        if feed is not None and trainer.step % cfg.exchange.lm_poll_steps == 0 and not poll():
+            stopped = True
+            break
         sums += trainer.train_step()
         step, count = trainer.step, count + 1
         f = cfg.debug
@@ -357,11 +428,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
             Path(f.marker).write_text(f"rank {rank} exited at step {step}\n")
             os._exit(1)  # a crash: no cleanup, no report
         t = cfg.train
-        if trainer.done or step % t.log_every == 0 or step % t.checkpoint_every == 0 or (t.eval_every and step % t.eval_every == 0):
+        if (trainer.done or step % t.log_every == 0 or step % t.checkpoint_every == 0 or (t.eval_every and step % t.eval_every == 0)
+                or (per_round and step % per_round == 0)):
             report(final=trainer.done)
-    if not finished:  # resumed from the final checkpoint: evaluate and export again
+    if not finished and not stopped:  # resumed from the final checkpoint: evaluate and export again
         report(final=True)
-    return {"history": history, "export": cfg.export_path, **extra} if rank == 0 else None
+    return {"history": history, "export": cfg.export_path, "stopped": stopped, **extra} if rank == 0 else None
 
 
 def run(cfg: LMJobConfig):

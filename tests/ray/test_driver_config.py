@@ -46,15 +46,18 @@ def test_resource_split_is_checked_against_the_cluster(ray_local):
     validate(cfg(*TINY_LM, "lm.cpus_per_worker=0.5", "mine.scoring.num_cpus=0.25", "kge_dist.cpus_per_trainer=0.25"))
 
 
-def test_each_round_continues_the_lm_run_on_one_schedule(tmp_path):
-    c = cfg(f"run_dir={tmp_path}", "loop.mode=sync", "loop.rounds=4", "loop.lm_steps_per_round=6", "exchange.lm_poll_steps=4")
-    lm = lm_side(c, 3, "SNAP")
-    assert (lm.train.steps, lm.train.schedule_steps, lm.train.checkpoint_every) == (18, 24, 6)
+def test_the_lm_side_is_one_fit_cut_into_rounds_on_one_schedule(tmp_path):
+    c = cfg(f"run_dir={tmp_path}", "loop.mode=sync", "loop.rounds=4", "loop.lm_steps_per_round=6", "exchange.lm_poll_steps=4",
+            "exchange.actor=x")
+    lm = lm_side(c, "SNAP")
+    assert (lm.train.steps, lm.train.schedule_steps, lm.train.checkpoint_every) == (24, 24, 6)
+    assert (lm.rounds.steps, lm.rounds.gated) == (6, True)  # sync: each round waits for the driver
     assert lm.exchange.lm_poll_steps == 2  # sync: divides the round, so the first step of every round polls
-    assert lm_side(dataclasses.replace(c, loop=dataclasses.replace(c.loop, mode="async")), 3, "S").exchange.lm_poll_steps == 4
-    assert lm.kg.export == "SNAP" and lm.export_path.endswith("lm/exports/round-0003") and lm.name == "ckpt"
+    free = lm_side(dataclasses.replace(c, loop=dataclasses.replace(c.loop, mode="async")), "S")
+    assert free.exchange.lm_poll_steps == 4 and not free.rounds.gated
+    assert lm.kg.export == "SNAP" and lm.export_path.endswith("lm/exports") and lm.name == "ckpt"
     assert lm.data == c.data and lm.task.link and lm.kd.entity_weight == c.lm.kd.entity_weight
-    plain = lm_side(cfg(f"run_dir={tmp_path}", "loop.directions=none"), 1, "SNAP")
+    plain = lm_side(cfg(f"run_dir={tmp_path}", "loop.directions=none", "exchange.actor=x"), "SNAP")
     assert not plain.task.link and plain.kd.entity_weight == plain.kd.relation_weight == 0.0  # never sees the KG
 
 
