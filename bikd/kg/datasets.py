@@ -7,7 +7,8 @@
   ``bench/data/make_fb15k237_slice.py``, sources, licences and counts in its README.md): the default KG with
   text, needing no external data.
 - ``fb15k237``: a directory holding FB15k-237 (``train/valid/test.txt`` and optionally the text files);
-  from the ``path`` argument, else ``$BIKD_FB15K237_DIR``, else ``$BIKD_DATA_DIR/fb15k-237``.
+  from the ``path`` argument, else ``$BIKD_FB15K237_DIR``, else ``$BIKD_DATA_DIR/fb15k-237``, else
+  ``../shared/data/fb15k-237`` beside the checkout.
 - anything else: a directory URL (local, ``file://``, ``s3://``) holding ``train.txt``, ``valid.txt``,
   ``test.txt`` in the triples TSV format.
 """
@@ -32,6 +33,9 @@ BIKD_EMBEDDED = ("fb15k237_slice",)
 KNOWN_DATASETS = (*PYKEEN_EMBEDDED, "fb15k237", *BIKD_EMBEDDED)
 _PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
+
+#: the benchmark data folder beside a checkout (../shared/data), the last place fb15k237 is looked for
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 def _dataset_key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
@@ -68,7 +72,11 @@ def dataset_dir(name_or_path: str, path: str | None = None) -> str:
             return os.environ["BIKD_FB15K237_DIR"]
         if os.environ.get("BIKD_DATA_DIR"):
             return join_url(os.environ["BIKD_DATA_DIR"], "fb15k-237")
-        raise ValueError("fb15k237 needs its directory: pass path=, or set BIKD_FB15K237_DIR or BIKD_DATA_DIR")
+        beside = SHARED_DATA / "fb15k-237"
+        if beside.is_dir():
+            return str(beside)
+        raise ValueError("fb15k237 needs its directory: pass path=, or set BIKD_FB15K237_DIR or BIKD_DATA_DIR "
+                         f"(or place it at {beside})")
     return name_or_path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bikd.kg import datasets
 from bikd.kg.datasets import load_dataset, load_text
 from bikd.kg.text import load_entity_text, load_wikidata
 from bikd.kg.triples import IdMap, KGDataError, build_splits, read_triples
@@ -52,6 +53,9 @@ def test_fb15k237_env_var(fb15k237_dir, monkeypatch):
     assert load_dataset("fb15k237").num_relations == 237
     monkeypatch.delenv("BIKD_FB15K237_DIR")
     monkeypatch.delenv("BIKD_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "SHARED_DATA", fb15k237_dir.parent)  # a checkout's ../shared/data
+    assert load_dataset("fb15k237").num_relations == 237
+    monkeypatch.setattr(datasets, "SHARED_DATA", fb15k237_dir / "nowhere")
     with pytest.raises(ValueError, match="BIKD_FB15K237_DIR"):
         load_dataset("fb15k237")
 
