@@ -109,10 +109,10 @@ class Driver:
     def _probe(self, export: str) -> dict:
         """The LM's cloze probe on valid triples, with the KG table and with it withheld."""
         from bikd.lm.probe import fused_lm_probe
-        from bikd.lm.train import load_fused, load_fused_tokenizer
+        from bikd.lm.train import load_fused_and_tokenizer
 
         storage = Storage(export, self.cfg.storage_options)
-        model, tokenizer = load_fused(storage), load_fused_tokenizer(storage)
+        model, tokenizer = load_fused_and_tokenizer(storage)
         out = {}
         for key, kg in (("probe_p1", True), ("probe_nokg_p1", False)):
             try:

@@ -42,7 +42,7 @@ from bikd.storage import Storage
 
 __all__ = ["TINY", "linker_for", "TaskConfig", "KGTableConfig", "TaskData", "shard", "build_lm", "encoder_num_layers",
            "load_kg_table", "build_linker", "build_task_data", "evaluate_task", "state_digest",
-           "export_fused", "load_fused", "load_fused_tokenizer", "read_export_files", "default_squad_path"]
+           "export_fused", "load_fused", "load_fused_tokenizer", "load_fused_and_tokenizer", "read_export_files", "default_squad_path"]
 
 #: ``encoder.name_or_path`` of the small random BERT of :func:`bikd.lm.encoder.tiny_bert` (tests, smoke runs)
 TINY = ENCODER_TINY  # kept for callers that import it from here
@@ -338,9 +338,30 @@ def _encoder_dir(files: Mapping[str, bytes], tmp: str) -> str:
 def load_fused(source: str | Storage, device: torch.device | str = "cpu") -> FusedLM:
     """The FusedLM of an :func:`export_fused` folder, in eval mode, computing exactly what the exported
     model computed. ExportError (a ValueError) when the folder is incomplete or a file fails its checksum."""
+    _, manifest, files = _read_export(source)
+    return _fused_from_files(manifest, files, device)
+
+
+def load_fused_tokenizer(source: str | Storage):
+    """The tokenizer saved with an export."""
+    return _tokenizer_from_files(_read_export(source)[2])
+
+
+def load_fused_and_tokenizer(source: str | Storage, device: torch.device | str = "cpu"):
+    """``(load_fused(source), load_fused_tokenizer(source))`` from one read of the export."""
+    _, manifest, files = _read_export(source)
+    return _fused_from_files(manifest, files, device), _tokenizer_from_files(files)
+
+
+def _tokenizer_from_files(files: Mapping[str, bytes]):
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        return AutoTokenizer.from_pretrained(_encoder_dir(files, tmp), local_files_only=True)
+
+
+def _fused_from_files(manifest: dict, files: Mapping[str, bytes], device) -> FusedLM:
     from safetensors.torch import load
     from transformers import AutoModel
-    _, manifest, files = _read_export(source)
     cfg = from_dict(LMConfig, manifest["lm_config"])
     with tempfile.TemporaryDirectory() as tmp:
         with quiet_transformers():
@@ -357,11 +378,3 @@ def load_fused(source: str | Storage, device: torch.device | str = "cpu") -> Fus
     if unexpected or any(not k.startswith("fused.encoder.") for k in missing):
         raise ExportError(f"fused.safetensors does not fit the model: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
-
-
-def load_fused_tokenizer(source: str | Storage):
-    """The tokenizer saved with an export."""
-    from transformers import AutoTokenizer
-    _, _, files = _read_export(source)
-    with tempfile.TemporaryDirectory() as tmp:
-        return AutoTokenizer.from_pretrained(_encoder_dir(files, tmp), local_files_only=True)

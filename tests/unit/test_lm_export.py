@@ -17,7 +17,7 @@ from bikd.lm.kg_teacher import KGTable
 from bikd.lm.model import LMConfig
 from bikd.lm.squad import SquadFeaturesConfig
 from bikd.lm.train import (MANIFEST, TINY, KGTableConfig, TaskConfig, build_linker, build_lm,
-                           build_task_data, encoder_num_layers, evaluate_task, export_fused, load_fused, load_fused_tokenizer,
+                           build_task_data, encoder_num_layers, evaluate_task, export_fused, load_fused, load_fused_and_tokenizer, load_fused_tokenizer,
                            load_kg_table, shard, state_digest)
 from bikd.lm.encoder import EncoderConfig, load_tokenizer
 from bikd.kge.models import ModelConfig
@@ -82,6 +82,9 @@ def test_export_reload_gives_equal_outputs(task, table, umls, tmp_path):
     assert torch.equal(a["last_hidden_state"], b["last_hidden_state"])
     torch.testing.assert_close(back.table.entity, table.entity, rtol=0, atol=0)
     assert load_fused_tokenizer(str(tmp_path / "export"))("a protein")["input_ids"] == tok("a protein")["input_ids"]
+    both, tok2 = load_fused_and_tokenizer(str(tmp_path / "export"))  # one read of the export, the same pair
+    assert tok2("a protein")["input_ids"] == tok("a protein")["input_ids"]
+    assert state_digest(both.state_dict()) == state_digest(lm.state_dict()) and both.table_version == 3
 
 
 def test_export_to_s3(table, s3_url):
