@@ -1,7 +1,8 @@
 """A run directory that knows which run it belongs to, and where an interrupted run resumes.
 
 The first run in a directory writes ``run.json``: what the run *is* (its identity: dataset, model, backend,
-...) and the config it was made with. A later run in the same directory must have the same identity, else
+...), the config it was made with, and what ran it (:func:`environment`: the code's git commit, the
+interpreter, the versions of the main packages). A later run in the same directory must have the same identity, else
 it is refused before any work, naming both; it may differ in anything else (more epochs, another learning
 rate) and then continues the earlier one. ``progress.json`` records where a run is (the last checkpoint,
 the epochs done, the metric history) and is written after that checkpoint is complete, so what it names
@@ -12,17 +13,52 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping
 
 from bikd.storage import Storage
 
-__all__ = ["RunDir", "RunDirMismatch"]
+__all__ = ["RunDir", "RunDirMismatch", "environment"]
 
 RUN_FILE, PROGRESS_FILE = "run.json", "progress.json"
 
 
 class RunDirMismatch(ValueError):
     """The run directory was made by a run with another identity."""
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout bikd runs from (``-dirty`` with modified tracked files); $BIKD_COMMIT where
+    set (a copy without .git, e.g. a ``ray job submit`` working directory); None when neither says."""
+    if os.environ.get("BIKD_COMMIT"):
+        return os.environ["BIKD_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """What runs this code: git commit, interpreter (path and version), host, versions of the main packages."""
+    versions = {}
+    for name in ("bikd", "torch", "ray", "deepspeed", "transformers", "pykeen", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"git_commit": _git_commit(), "python": sys.executable, "python_version": platform.python_version(),
+            "host": platform.node(), "versions": versions}
 
 
 def _show(identity: Mapping[str, Any]) -> str:
@@ -69,7 +105,7 @@ class RunDir:
         if self.check():
             return True
         record = {"identity": self.identity, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "config": dict(config)}
+                  "config": dict(config), "environment": environment()}
         try:
             self.storage.write_text(RUN_FILE, json.dumps(record, indent=2), exclusive=True)
         except FileExistsError:  # another run claimed it between the check and now: same rule as above

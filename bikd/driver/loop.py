@@ -68,6 +68,12 @@ class Driver:
         gold = {s: self.kg.label_triples(s) for s in ("train", "valid", "test")}
         return KGStore.create(storage, entities=self.kg.entities.labels, relations=self.kg.relations.labels, gold=gold)
 
+    def _record_placement(self, **nodes) -> None:
+        """placement.json: the Ray node of the driver and of each side's actors (for a look at a cluster run)."""
+        old = json.loads(self.storage.read_text("placement.json")) if self.storage.exists("placement.json") else {}
+        if any(old.get(k) != v for k, v in nodes.items()):
+            self.storage.write_text("placement.json", json.dumps({**old, **nodes}, indent=1))
+
     def _metrics_lines(self) -> list[dict]:
         if not self.storage.exists("metrics.jsonl"):
             return []
@@ -176,6 +182,7 @@ class Driver:
                          m.mining.candidates)
         mining = dataclasses.replace(m.mining, round=rnd)
         with ActorScorer(extractor_factory(out.url, kg_export=None), m.scoring, version=version.version) as scorer:
+            self._record_placement(mining_actors=scorer.node_ids())
             start = time.perf_counter()
             result = run_round(self.store, version, cands.candidates, scorer, mining,
                                lm_snapshot_id=fitted.manifest["snapshot_id"], kg_snapshot_id=f"v{snapshot.version}",
@@ -236,6 +243,8 @@ class Driver:
     def _lm_row(self, done: LMRound) -> tuple[dict, str]:
         """The row of a finished LM round, with the probe of its export. Returns (row, export)."""
         lm, t0 = done.metrics, time.perf_counter()
+        if lm.get("worker_nodes"):
+            self._record_placement(lm_workers=lm["worker_nodes"])
         row = {k: lm[k] for k in lm if k.startswith("eval_") or k in (
             "task_loss", "kd_entity_loss", "kd_relation_loss", "rows_per_s", "kg_table_version", "kg_versions_behind")}
         row.update(lm_step=done.step, **self._probe(done.export))
@@ -271,6 +280,7 @@ class Driver:
         progress = self.rundir.progress() or {"round": 0}
         start, done = time.monotonic(), int(progress["round"])
         kge = ShardedKGE(self.kg.train, self.kg.num_entities, self.kg.num_relations, cfg.kge, cfg.kge_dist)
+        self._record_placement(driver=ray.get_runtime_context().get_node_id(), kge_trainers=kge.trainer_nodes())
         kge_ckpt = self.storage.child("kge/ckpt")
         if done or (loop.mode == "async" and ShardedKGE.latest_checkpoint(kge_ckpt)):
             # sync: the checkpoint of the last completed round; async: the KGE side's newest

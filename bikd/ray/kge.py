@@ -8,7 +8,9 @@
   (PyTorch-BigGraph's setting), so only the cut edges' tails travel; the default draws them from all
   entities, as a single process does (local negatives cost quality on small graphs).
 - An ``EmbeddingShard`` actor owns the relation table and its optimiser state.
-- Each trainer is placed on a node of its own (node-affinity scheduling); the relation shard sits on the first.
+- Each trainer is placed on a node of its own (node-affinity scheduling) among the nodes that have every
+  resource of ``DistConfig.resources_per_trainer`` (e.g. ``{kge: 1}`` for nodes started with
+  ``--resources='{"kge": 1}'``; none: every node with CPUs); the relation shard sits on the first.
 
 Triples can be added between epochs (issue 12: mined from text): ``ShardedKGE.add_triples`` routes each to
 the trainer owning its head, which appends it to its :class:`~bikd.kge.training.TrainingTriples` and grows
@@ -27,7 +29,7 @@ import json
 import posixpath
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import ray
@@ -60,8 +62,12 @@ class DistConfig:
     max_recoveries: int = 3
     #: "local": negatives from the trainer's own partition (never travel); "global": from all entities
     negatives: Literal["local", "global"] = "global"
+    #: custom Ray resources each trainer needs: trainers go only to nodes that have them (e.g. {kge: 1})
+    resources_per_trainer: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        if any(not v > 0 for v in self.resources_per_trainer.values()):
+            raise ValueError(f"dist.resources_per_trainer must map resource names to amounts > 0, got {self.resources_per_trainer}")
         if self.num_parts < 1:
             raise ValueError(f"dist.num_parts must be >= 1, got {self.num_parts}")
         if self.mode not in ("async", "sync"):
@@ -308,6 +314,17 @@ def _node_strategy(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
 
+def kge_nodes(dist: DistConfig) -> list[str]:
+    """The alive nodes trainers may go to (CPUs, and every resource of ``dist.resources_per_trainer``), sorted."""
+    need = dist.resources_per_trainer
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0
+                   and all(n["Resources"].get(k, 0) >= v for k, v in need.items()))
+    if not nodes:
+        raise ValueError(f"no alive Ray node has CPUs and the resources {need} that kge_dist.resources_per_trainer asks "
+                         f"for (start the KGE nodes with ray start --resources='{{\"kge\": 1}}' or similar)")
+    return nodes
+
+
 class ShardedKGE:
     """Driver-side handle: partitions the KG, starts shards and trainers, runs epochs, takes snapshots."""
 
@@ -318,7 +335,7 @@ class ShardedKGE:
                                       PartitionConfig(num_parts=dist.num_parts, method=dist.partition, seed=cfg.seed))
         torch.manual_seed(cfg.seed)
         init = build_model(cfg.model, num_entities, num_relations)  # same initial tables as LocalTrainer
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        nodes = kge_nodes(dist)
         self.node_of_part = [nodes[p % len(nodes)] for p in range(dist.num_parts)]
         self.entity_ids = [self.partitioning.entities_of(p) for p in range(dist.num_parts)]
         self.relation_shard = EmbeddingShard.options(scheduling_strategy=_node_strategy(nodes[0])).remote(
@@ -328,7 +345,8 @@ class ShardedKGE:
         self._init_args = [(ray.put(triples[self.partitioning.triples_of(p)]), ray.put(init.entity.detach()[ids]))
                            for p, ids in enumerate(self.entity_ids)]
         self.trainers = [
-            KGETrainer.options(num_cpus=dist.cpus_per_trainer, scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
+            KGETrainer.options(num_cpus=dist.cpus_per_trainer, resources=dict(dist.resources_per_trainer),
+                               scheduling_strategy=_node_strategy(self.node_of_part[p])).remote(
                 p, part_triples, num_entities, num_relations, owner, table, cfg, self.relation_shard, dist)
             for p, (part_triples, table) in enumerate(self._init_args)
         ]
@@ -518,6 +536,10 @@ class ShardedKGE:
         model = build_model(self.cfg.model, self.num_entities, self.num_relations)
         model.load_state_dict({"entity": snapshot.entity, "relation": snapshot.relation})
         return model
+
+    def trainer_nodes(self) -> list[str]:
+        """The Ray node each partition's trainer runs on."""
+        return ray.get([t.node_id.remote() for t in self.trainers])
 
     def shutdown(self) -> None:
         for actor in self._actors():

@@ -131,6 +131,8 @@ class LMJobConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    #: custom Ray resources each worker needs: workers go only to nodes that have them (e.g. {lm: 1})
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     #: checkpoints go to <storage_path>/<name>/; a new run with the same name resumes from the latest one
     storage_path: str = "runs"
     name: str = "lm_train"
@@ -146,6 +148,8 @@ class LMJobConfig:
     debug: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
+        if any(not v > 0 for v in self.resources_per_worker.values()):
+            raise ValueError(f"resources_per_worker must map resource names to amounts > 0, got {self.resources_per_worker}")
         if self.num_workers < 1 or not self.cpus_per_worker > 0:
             raise ValueError(f"num_workers must be >= 1 and cpus_per_worker > 0, got {self.num_workers}, {self.cpus_per_worker}")
         if not self.name or "/" in self.name or not self.storage_path:
@@ -228,6 +232,11 @@ def validate(cfg: LMJobConfig) -> LMJobConfig:
             raise ValueError(f"exchange.actor {cfg.exchange.actor!r}: no such actor in Ray namespace "
                              f"{cfg.exchange.namespace or '(the job default)'}; start the exchange first") from None
     if ray.is_initialized():
+        for key, amount in cfg.resources_per_worker.items():
+            if cfg.num_workers * amount > ray.cluster_resources().get(key, 0):
+                raise ValueError(f"resources_per_worker {key}: {amount} x {cfg.num_workers} workers; the Ray cluster has "
+                                 f"{ray.cluster_resources().get(key, 0):g} of {key!r} (start the LM nodes with "
+                                 f"ray start --resources='{{\"{key}\": ...}}')")
         need, have = cfg.num_workers * cfg.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
         if need > have or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
             raise ValueError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs (use_gpu={cfg.use_gpu}) do not fit "
@@ -331,6 +340,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         set_malloc_mmap_threshold(cfg.deepspeed.malloc_mmap_threshold)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
+    nodes = [None] * world  # where the ranks run (the driver records it)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     parts = build_parts(lm_config(cfg), cfg.task, load_from_config(cfg.data), text_from_config(cfg.data), table,
                         seed=cfg.train.seed, rank=rank, world_size=world)
     lm = parts.model
@@ -341,7 +352,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     trainer = LMTrainer(lm, engine, parts.train_data, parts.eval_data, cfg.train, task=cfg.task.name, device=device, bf16=bf16)
     feed = TableFeed(cfg.exchange, table, rank) if cfg.exchange.actor else None
 
-    extra, history = {"resumed_from_step": None, "bf16": bf16}, []
+    extra, history = {"resumed_from_step": None, "bf16": bf16, "worker_nodes": nodes}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         # the history travels in the checkpoint: a resumed run reports every step since the first, not since the resume
         history = _restore(engine, trainer, checkpoint, cfg, world, feed)
@@ -449,7 +460,8 @@ def run(cfg: LMJobConfig):
         train_loop_per_worker, train_loop_config={"cfg": cfg, "table": table},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}),
+                                                           **cfg.resources_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)))

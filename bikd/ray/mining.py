@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,8 +28,12 @@ class ScoringConfig:
     #: CPUs per actor (its torch threads); num_gpus > 0 places each actor on a GPU share
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    #: custom Ray resources each actor needs (e.g. {lm: 0.01}: only on nodes started with that resource)
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        if any(not v > 0 for v in self.resources.values()):
+            raise ValueError(f"scoring.resources must map resource names to amounts > 0, got {self.resources}")
         if self.num_actors < 1:
             raise ValueError(f"scoring.num_actors must be >= 1, got {self.num_actors}")
         if self.batch_size < 1:
@@ -72,13 +76,16 @@ class PairScorerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 class ActorScorer:
     """A :data:`PairScorer` over a pool of ``cfg.num_actors`` scorer actors; ``close()`` ends them."""
 
     def __init__(self, factory: Callable[[], PairScorer], cfg: ScoringConfig, version: int = 0):
         self.cfg, self.version = cfg, version
-        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": dict(cfg.resources)}
         self.actors = [PairScorerActor.options(**options).remote(factory) for _ in range(cfg.num_actors)]
         ray.get([a.pid.remote() for a in self.actors])  # a factory that fails, fails here with its own error
         self.pool = ActorPool(self.actors)
@@ -98,6 +105,10 @@ class ActorScorer:
 
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each actor runs on."""
+        return ray.get([a.node_id.remote() for a in self.actors])
 
     def close(self) -> None:
         for a in self.actors:

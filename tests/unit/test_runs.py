@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +36,21 @@ def test_a_run_directory_belongs_to_one_run(tmp_path):
     assert "made with backend=local, dataset=umls" in message and "this run has backend=ray, dataset=nations" in message
     assert "choose another with --set run_dir=..." in message and "model" not in message
     assert RunDir(storage, IDENTITY, "").recorded()["config"] == {"x": 1}  # the first run's record stays
+
+
+def test_the_record_names_the_code_and_the_interpreter_that_ran(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    RunDir(Storage(str(tmp_path / "a")), IDENTITY, "").claim({})
+    env = RunDir(Storage(str(tmp_path / "a")), IDENTITY, "").recorded()["environment"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: its commit, maybe marked dirty
+        assert env["git_commit"].split("-")[0] == head.stdout.strip()
+    assert env["python"] == sys.executable and env["versions"]["torch"].startswith("2.13.0") and env["versions"]["bikd"]
+    monkeypatch.setenv("BIKD_COMMIT", "abc123")  # a copy without .git says which commit it is
+    assert RunDir(Storage(str(tmp_path / "b")), IDENTITY, "").claim({}) is False
+    assert RunDir(Storage(str(tmp_path / "b")), IDENTITY, "").recorded()["environment"]["git_commit"] == "abc123"
 
 
 def test_a_folder_with_foreign_files_is_refused(tmp_path):
