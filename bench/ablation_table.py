@@ -14,14 +14,17 @@ ROWS = {"none": "plain (`--directions none`)", "kg2lm": "KG -> LM (`kg2lm`)", "b
 #: the columns, in order, where the result has them (the LM's task metrics depend on its task)
 COLUMNS = {"kg_valid_mrr": "KG MRR valid", "kg_test_mrr": "KG MRR test", "eval_accuracy": "LM acc. (table)",
            "eval_nokg_accuracy": "LM acc. (no table)", "eval_f1": "LM F1 (table)", "eval_nokg_f1": "LM F1 (no table)",
-           "eval_exact": "LM EM (table)", "eval_nokg_exact": "LM EM (no table)", "probe_p1": "probe P@1 (table)",
-           "probe_nokg_p1": "probe P@1 (no table)", "mined": "mined triples", "wall_s": "wall (s)"}
+           "eval_exact_match": "LM EM (table)", "eval_nokg_exact_match": "LM EM (no table)", "probe_p1": "probe P@1 (table)",
+           "probe_nokg_p1": "probe P@1 (no table)", "mined": "mined triples",
+           "mined_precision_at_100_valid": "mined P@100 vs valid (last round)", "wall_s": "wall (s)"}
 
 
 def cell(metrics: dict, d: str, k: str) -> str:
     med, lo, hi = (metrics.get(f"{d}.{k}.{s}") for s in ("median", "min", "max"))
     if med is None:
         return "-"
+    if k.endswith(("_f1", "_exact_match")):  # SQuAD's F1 and EM are percentages
+        return f"{med:.1f} [{lo:.1f}, {hi:.1f}]"
     if k in ("mined", "wall_s"):
         return f"{med:.0f} [{lo:.0f}, {hi:.0f}]"
     return f"{med:.3f} [{lo:.3f}, {hi:.3f}]"
