@@ -1,0 +1,80 @@
+"""What a sharded KGE step exchanges, counted without running it (docs/SCALING.md, bench/kge_scaling.py).
+
+Each partition's trainer (``bikd.ray.kge.KGETrainer``) draws its batch and negatives, plans the rows with
+:func:`~bikd.kge.training.plan_step`, pulls the rows owned by other partitions (one call per remote
+partition) and the batch's relation rows (one call to the relation shard), and after the step pushes the
+gradients of the same rows back (one call each). This module replays that with the trainer's own batch
+iterator, sampler and planner, so the counts are those of the real step, not of a model of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bikd.kge.partition import Partitioning
+from bikd.kge.sampling import BatchIterator, NegativeSampler
+from bikd.kge.training import KGETrainConfig, plan_step
+
+__all__ = ["StepTraffic", "count_step_traffic"]
+
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """Per trainer step, averaged over the trainers' first steps. Rows are entity rows unless named;
+    ``calls_per_step`` counts actor calls (pulls and pushes), ``bytes_per_step`` what they carry (float32
+    rows pulled plus gradients pushed, relations included, ids and message overhead not)."""
+
+    num_parts: int
+    local_rows_per_step: float
+    remote_rows_per_step: float
+    relation_rows_per_step: float
+    remote_parts_per_step: float
+    calls_per_step: float
+    bytes_per_step: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_step_traffic(triples: torch.Tensor, num_entities: int, num_relations: int, partitioning: Partitioning,
+                       cfg: KGETrainConfig, *, entity_width: int, relation_width: int, negatives: str = "global",
+                       num_steps: int = 20) -> StepTraffic:
+    """``triples`` (n, 3) the training triples ``partitioning`` was made from; ``entity_width`` /
+    ``relation_width`` the floats per row (e.g. 2 x dim for ComplEx's entities); ``negatives`` as
+    ``DistConfig.negatives`` ("local": drawn from the trainer's own entities, so they never travel)."""
+    assert negatives in ("global", "local"), negatives
+    owner = partitioning.entity_part
+    local = remote = rel = parts = calls = nbytes = 0.0
+    count = 0
+    for p in range(partitioning.num_parts):
+        mine = triples[partitioning.triples_of(p)]
+        if not len(mine):
+            continue
+        ids = partitioning.entities_of(p)
+        sampler = NegativeSampler(cfg.sampler, num_entities if negatives == "global" else len(ids))
+        generator = torch.Generator().manual_seed(cfg.seed + 7919 * p)  # as KGETrainer seeds partition p
+        batches = BatchIterator(len(mine), cfg.batch_size, cfg.seed)
+        for _ in range(num_steps):
+            batch = mine[batches.next_batch()]
+            neg = sampler.sample_batch(len(batch), generator)
+            if negatives == "local":
+                neg = neg._replace(negatives=ids[neg.negatives])
+            plan = plan_step(batch, neg)
+            where = owner[plan.entity_ids]
+            n_remote = int((where != p).sum())
+            n_parts = len(set(where.tolist()) - {p})
+            local += len(plan.entity_ids) - n_remote
+            remote += n_remote
+            rel += len(plan.relation_ids)
+            parts += n_parts
+            calls += 2 + 2 * n_parts  # relation pull + push, and a pull + push per remote partition
+            nbytes += 2 * FLOAT_BYTES * (n_remote * entity_width + len(plan.relation_ids) * relation_width)
+            count += 1
+    assert count, "no partition has triples"
+    return StepTraffic(num_parts=partitioning.num_parts, local_rows_per_step=local / count,
+                       remote_rows_per_step=remote / count, relation_rows_per_step=rel / count,
+                       remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count)

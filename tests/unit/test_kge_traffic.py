@@ -1,0 +1,39 @@
+"""bikd.kge.traffic: the rows and calls of a sharded step, replayed with the trainer's own batches and sampler."""
+
+from __future__ import annotations
+
+import pytest
+
+from bikd.kg.datasets import load_dataset
+from bikd.kge.partition import PartitionConfig, partition
+from bikd.kge.sampling import NegativeSamplerConfig
+from bikd.kge.traffic import count_step_traffic
+from bikd.kge.training import KGETrainConfig
+
+
+@pytest.fixture(scope="module")
+def kg():
+    return load_dataset("umls")
+
+
+def traffic(kg, num_parts: int, negatives: str = "global"):
+    parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, method="metis"))
+    cfg = KGETrainConfig(batch_size=64, sampler=NegativeSamplerConfig(num_negatives=32, chunk_size=16))
+    return count_step_traffic(kg.train, kg.num_entities, kg.num_relations, parts, cfg, entity_width=8, relation_width=8,
+                              negatives=negatives, num_steps=5)
+
+
+def test_one_partition_exchanges_only_relations(kg):
+    one = traffic(kg, 1)
+    assert one.remote_rows_per_step == 0 and one.remote_parts_per_step == 0 and one.calls_per_step == 2
+    assert one.bytes_per_step == 2 * 4 * 8 * one.relation_rows_per_step  # relation rows pulled, gradients pushed
+    assert one.local_rows_per_step > 64  # a batch's heads, tails and shared negatives, deduplicated
+
+
+def test_more_partitions_pull_more_rows_and_local_negatives_pull_fewer(kg):
+    two, four = traffic(kg, 2), traffic(kg, 4)
+    assert 0 < two.remote_rows_per_step < four.remote_rows_per_step
+    assert two.calls_per_step == 4 and 4 < four.calls_per_step <= 8  # 2 + a pull and a push per remote partition
+    local = traffic(kg, 4, negatives="local")
+    assert local.remote_rows_per_step < four.remote_rows_per_step
+    assert local.remote_rows_per_step <= 64  # only the tails of cut edges travel: at most one per positive
