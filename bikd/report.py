@@ -73,6 +73,9 @@ def write_report(storage: Storage, rows: Sequence[Mapping[str, Any]], *, title: 
         lines += [f"Finished after round {final.get('round')} ({final.get('stopped_by')}).", ""]
         if final.get("kg_test"):
             lines += ["KG test (filtered, read once at the end): " + ", ".join(f"{k} {_fmt(v)}" for k, v in final["kg_test"].items()), ""]
+        if final.get("lm_test"):
+            lines += ["LM test (read once at the end; nokg_: the KG table withheld): "
+                      + ", ".join(f"{k} {_fmt(v)}" for k, v in final["lm_test"].items()), ""]
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     lines += ["## Per round (valid)", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]

@@ -52,9 +52,10 @@ def full(cfg: BikdConfig) -> int:
             final = driver.run()
         finally:
             ray.shutdown()
-    test = final.get("kg_test", {})
+    test, lm_test = final.get("kg_test", {}), final.get("lm_test", {})
     print(f"done after round {final['round']} ({final['stopped_by']}); KG store version {final['kg_version']}; "
-          f"KG test (filtered): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+          f"KG test (filtered): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+          + ("; LM test: " + ", ".join(f"{k} {v:.4f}" for k, v in lm_test.items() if isinstance(v, float)) if lm_test else ""))
     print(f"metrics: {cfg.run_dir}/metrics.jsonl")
     return 0
 

@@ -301,7 +301,7 @@ class Driver:
                 sides["lm"].finish()
             last = rows[-1]["round"] if rows else done
             final = {"round": last, "stopped_by": stop or f"{loop.rounds} rounds", "kg_version": self.store.head,
-                     "kg_test": self._kg_test(kge)}
+                     "kg_test": self._kg_test(kge), "lm_test": self._lm_test(last)}
             self._write_report(self._metrics_lines(), final)
             self.rundir.mark_finished(**final)
             return final
@@ -406,6 +406,25 @@ class Driver:
         row["mining_seconds"] = time.perf_counter() - t0
         self.log(f"round {rnd}: mined {row['mined']} triples -> KG version {row['kg_version']}")
         return row
+
+    def _lm_test(self, rnd: int) -> dict:
+        """The last round's LM on the **test** triples (triple classification), with the KG table and without
+        it, read once. QA has no test split here: its per-round metric is on held-out articles already."""
+        from bikd.lm.train import build_linker, build_task_data, evaluate_task, load_fused_and_tokenizer
+
+        task = self.cfg.lm.task
+        if task.name != "triple_cls" or rnd < 1:
+            return {}
+        task = dataclasses.replace(task, eval_split="test", link=task.link and self.cfg.loop.directions != "none")
+        model, tokenizer = load_fused_and_tokenizer(Storage(self.storage.url_of(f"lm/exports/round-{rnd:04d}"),
+                                                            self.cfg.storage_options))
+        linker = build_linker(self.kg, self.text) if task.link else None
+        _, test = build_task_data(task, tokenizer, self.kg, linker, text=self.text)
+        out = {}
+        for prefix, kg in (("", True), ("nokg_", False)):
+            for k, v in evaluate_task(model, test, task.name, self.cfg.lm.train.eval_batch_size, kg=kg).items():
+                out[f"{prefix}{k}"] = v
+        return out
 
     def _kg_test(self, kge: ShardedKGE) -> dict:
         """Filtered test ranking of the final KGE, read once."""

@@ -52,8 +52,9 @@ def state(run_dir: Path) -> dict:
     timing = ("seconds", "per_s", "wall_s")
     rows = [{k: v for k, v in json.loads(line).items() if not any(t in k for t in timing)}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    progress = json.loads((run_dir / "progress.json").read_text())
     return {"versions": [(v.version, v.kind, v.num_mined) for v in store.versions()], "mined": mined,
-            "snapshots": snaps, "lm": lm, "metrics": rows}
+            "snapshots": snaps, "lm": lm, "metrics": rows, "final": {k: progress.get(k) for k in ("kg_test", "lm_test")}}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,7 @@ def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_pa
     assert [v[1] for v in expected["versions"]] == ["gold", "mined", "mined"], expected["versions"]
     assert expected["metrics"][1]["kge_added_triples"] > 0  # round 2's KGE trained on round 1's mined triples
     assert [r["kg_table_version"] for r in expected["metrics"]] == [1, 2]  # the LM fused each round's snapshot
+    assert {"accuracy", "nokg_accuracy"} <= set(expected["final"]["lm_test"])  # the LM's test split, read once
     targets = np.load(tmp_path / "whole" / "mining" / "round-0001" / "targets.npz")  # reverse-KD soft labels
     assert targets["triples"].shape == (expected["versions"][1][2], 3) and np.allclose(targets["targets"].sum(1), 1.0)
 
@@ -117,3 +119,5 @@ def test_directions_none_mines_nothing_and_never_fuses(kg, tmp_path):
     assert [v[1] for v in got["versions"]] == ["gold"] and not got["mined"]
     assert all(r["kg_table_version"] == 1 and r["kg_staleness"] is None for r in got["metrics"])
     assert "eval_nokg_accuracy" in got["metrics"][0] and "done after round 2" in out.stdout
+    test = got["final"]["lm_test"]
+    assert test["accuracy"] == test["nokg_accuracy"]  # nothing linked, nothing fused: the same predictions
