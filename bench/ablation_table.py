@@ -1,5 +1,6 @@
-"""The markdown table of an ablation result (bench/ablation.py): one row per directions, each cell the median
-over seeds with the range [min, max]; docs/RESULTS.md pastes its output.
+"""The markdown tables of an ablation result (bench/ablation.py): one row per directions, each cell the median
+over seeds with the range [min, max]; then the paired differences to the plain row (same seed, so the same
+data order and initial weights), per seed and their median; docs/RESULTS.md pastes its output.
 
     python bench/ablation_table.py bench/results/ablation_default.json
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 ROWS = {"none": "plain (`--directions none`)", "kg2lm": "KG -> LM (`kg2lm`)", "both": "both ways (`both`)"}
@@ -42,10 +44,39 @@ def table(result: dict) -> str:
                                f"{result['date'][:10]}, {result['machine']}.")
 
 
+#: the columns of the paired table (what fusion and mining should move)
+PAIRED = ("kg_valid_mrr", "kg_test_mrr", "eval_accuracy", "eval_nokg_accuracy", "eval_f1", "eval_nokg_f1",
+          "probe_p1", "probe_nokg_p1")
+
+
+def paired(result: dict) -> str:
+    """Per metric: each direction minus plain, seed by seed (the runs share seeds), and their median."""
+    runs = result["details"]["runs"]
+    plain = {r["seed"]: r for r in runs.get("none", [])}
+    lines = ["| difference to plain (same seed) | " + " | ".join(d for d in ("kg2lm", "both") if d in runs) + " |",
+             "|---|" + "---|" * sum(d in runs for d in ("kg2lm", "both"))]
+    for k in PAIRED:
+        cells = []
+        for d in ("kg2lm", "both"):
+            if d not in runs:
+                continue
+            diffs = [r[k] - plain[r["seed"]][k] for r in runs[d] if r["seed"] in plain
+                     and isinstance(r.get(k), (int, float)) and isinstance(plain[r["seed"]].get(k), (int, float))]
+            if not diffs:
+                cells.append("-")
+                continue
+            digits = 1 if k.endswith("_f1") else 3
+            cells.append(f"{statistics.median(diffs):+.{digits}f} (" + " / ".join(f"{x:+.{digits}f}" for x in diffs) + ")")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {COLUMNS.get(k, k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nMedian of the per-seed differences (the differences per seed in brackets, seed order)."
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", type=Path)
-    print(table(json.loads(p.parse_args().result.read_text())))
+    result = json.loads(p.parse_args().result.read_text())
+    print(table(result) + "\n\n" + paired(result))
 
 
 if __name__ == "__main__":
