@@ -32,9 +32,9 @@ def cell(metrics: dict, d: str, k: str) -> str:
     return f"{med:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def table(result: dict) -> str:
+def table(result: dict, skip: tuple[str, ...] = ()) -> str:
     m = result["metrics"]
-    cols = [k for k in COLUMNS if any(f"{d}.{k}.median" in m for d in ROWS)]
+    cols = [k for k in COLUMNS if k not in skip and any(f"{d}.{k}.median" in m for d in ROWS)]
     lines = ["| | " + " | ".join(COLUMNS[k] for k in cols) + " |", "|---|" + "---|" * len(cols)]
     for d, name in ROWS.items():
         if any(key.startswith(f"{d}.") for key in m):
@@ -75,8 +75,10 @@ def paired(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", type=Path)
-    result = json.loads(p.parse_args().result.read_text())
-    print(table(result) + "\n\n" + paired(result))
+    p.add_argument("--skip", nargs="*", default=[], help="columns to leave out (e.g. wall_s)")
+    args = p.parse_args()
+    result = json.loads(args.result.read_text())
+    print(table(result, tuple(args.skip)) + "\n\n" + paired(result))
 
 
 if __name__ == "__main__":
