@@ -9,7 +9,7 @@ iterator, sampler and planner, so the counts are those of the real step, not of 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -36,14 +36,10 @@ class StepTraffic:
     calls_per_step: float
     bytes_per_step: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-def count_step_traffic(triples: torch.Tensor, num_entities: int, num_relations: int, partitioning: Partitioning,
-                       cfg: KGETrainConfig, *, entity_width: int, relation_width: int, negatives: str = "global",
-                       num_steps: int = 20) -> StepTraffic:
-    """``triples`` (n, 3) the training triples ``partitioning`` was made from; ``entity_width`` /
+def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETrainConfig, *, entity_width: int,
+                       relation_width: int, negatives: str = "global", num_steps: int = 20) -> StepTraffic:
+    """Over the training triples ``partitioning`` was made from (it keeps them); ``entity_width`` /
     ``relation_width`` the floats per row (e.g. 2 x dim for ComplEx's entities); ``negatives`` as
     ``DistConfig.negatives`` ("local": drawn from the trainer's own entities, so they never travel)."""
     assert negatives in ("global", "local"), negatives
@@ -51,13 +47,14 @@ def count_step_traffic(triples: torch.Tensor, num_entities: int, num_relations: 
     local = remote = rel = parts = calls = nbytes = 0.0
     count = 0
     for p in range(partitioning.num_parts):
-        mine = triples[partitioning.triples_of(p)]
+        mine = partitioning.triples[partitioning.triples_of(p)]
         if not len(mine):
             continue
         ids = partitioning.entities_of(p)
         sampler = NegativeSampler(cfg.sampler, num_entities if negatives == "global" else len(ids))
-        generator = torch.Generator().manual_seed(cfg.seed + 7919 * p)  # as KGETrainer seeds partition p
-        batches = BatchIterator(len(mine), cfg.batch_size, cfg.seed)
+        seed = cfg.seed + 7919 * p  # as KGETrainer seeds partition p's negatives and batch order
+        generator = torch.Generator().manual_seed(seed)
+        batches = BatchIterator(len(mine), cfg.batch_size, seed)
         for _ in range(num_steps):
             batch = mine[batches.next_batch()]
             neg = sampler.sample_batch(len(batch), generator)

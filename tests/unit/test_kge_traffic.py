@@ -19,8 +19,7 @@ def kg():
 def traffic(kg, num_parts: int, negatives: str = "global"):
     parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, method="metis"))
     cfg = KGETrainConfig(batch_size=64, sampler=NegativeSamplerConfig(num_negatives=32, chunk_size=16))
-    return count_step_traffic(kg.train, kg.num_entities, kg.num_relations, parts, cfg, entity_width=8, relation_width=8,
-                              negatives=negatives, num_steps=5)
+    return count_step_traffic(parts, kg.num_entities, cfg, entity_width=8, relation_width=8, negatives=negatives, num_steps=5)
 
 
 def test_one_partition_exchanges_only_relations(kg):
