@@ -25,6 +25,7 @@ from bikd.lm.trainer import TrainConfig
 from bikd.lm.triple_cls import TripleClsConfig
 from bikd.mining.candidates import CandidateConfig
 from bikd.mining.round import MiningConfig
+from bikd.ray import require_resources
 from bikd.ray.exchange import ExchangeConfig
 from bikd.ray.kge import DistConfig
 from bikd.ray.lm_train import LMJobConfig, RoundsConfig, validate as validate_lm
@@ -181,13 +182,8 @@ def validate(cfg: BikdConfig) -> BikdConfig:
     if sum(need.values()) > have:
         raise ValueError("resource split " + ", ".join(f"{k} {v:g} CPUs" for k, v in need.items())
                          + f" needs {sum(need.values()):g} CPUs; the Ray cluster has {have:g}")
-    if ray.is_initialized():  # a side whose custom resources no node offers would wait forever
-        have = ray.cluster_resources()
-        sides = {"kge_dist.resources_per_trainer": (cfg.kge_dist.resources_per_trainer, cfg.kge_dist.num_parts),
-                 "mine.scoring.resources": (cfg.mine.scoring.resources, cfg.mine.scoring.num_actors)}
-        for name, (resources, count) in sides.items():
-            for key, amount in resources.items():
-                if amount * count > have.get(key, 0):
-                    raise ValueError(f"{name} {key}: {amount:g} x {count}; the Ray cluster has {have.get(key, 0):g} of {key!r}")
+    if ray.is_initialized():  # the LM's are checked by validate_lm
+        require_resources("kge_dist.resources_per_trainer", cfg.kge_dist.resources_per_trainer, cfg.kge_dist.num_parts)
+        require_resources("mine.scoring.resources", cfg.mine.scoring.resources, cfg.mine.scoring.num_actors)
     validate_lm(dataclasses.replace(cfg.lm, data=cfg.data, exchange=dataclasses.replace(cfg.exchange, actor=None)))
     return cfg

@@ -35,6 +35,7 @@ from bikd.lm.model import LMConfig
 from bikd.lm.train import (KGTableConfig, TaskConfig, build_lm, default_squad_path, encoder_num_layers, export_fused,
                            load_kg_table, state_digest)
 from bikd.lm.trainer import LOSSES, LMTrainer, TrainConfig, build_parts
+from bikd.ray import require_resources
 from bikd.ray.exchange import ExchangeConfig, LMRound, TableFeed
 from bikd.storage import Storage, join_url, url_exists
 
@@ -232,11 +233,7 @@ def validate(cfg: LMJobConfig) -> LMJobConfig:
             raise ValueError(f"exchange.actor {cfg.exchange.actor!r}: no such actor in Ray namespace "
                              f"{cfg.exchange.namespace or '(the job default)'}; start the exchange first") from None
     if ray.is_initialized():
-        for key, amount in cfg.resources_per_worker.items():
-            if cfg.num_workers * amount > ray.cluster_resources().get(key, 0):
-                raise ValueError(f"resources_per_worker {key}: {amount} x {cfg.num_workers} workers; the Ray cluster has "
-                                 f"{ray.cluster_resources().get(key, 0):g} of {key!r} (start the LM nodes with "
-                                 f"ray start --resources='{{\"{key}\": ...}}')")
+        require_resources("resources_per_worker", cfg.resources_per_worker, cfg.num_workers)
         need, have = cfg.num_workers * cfg.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
         if need > have or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
             raise ValueError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs (use_gpu={cfg.use_gpu}) do not fit "
