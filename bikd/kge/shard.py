@@ -17,11 +17,12 @@ class ShardState:
     """Rows ``table[i]`` of global id ``ids[i]`` (ids sorted, unique); ``kind`` picks the constraint."""
 
     def __init__(self, ids: torch.Tensor, table: torch.Tensor, optim: SparseOptimConfig, interaction: Interaction,
-                 kind: str = "entity"):
+                 kind: str = "entity", *, copy: bool = True):
+        """``copy=False`` works on ``table`` itself (a shared-memory view, see :mod:`bikd.kge.shared`)."""
         assert kind in ("entity", "relation"), kind
         assert ids.ndim == 1 and len(ids) == len(table), (ids.shape, table.shape)
         assert len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()), "shard ids must be sorted and unique"
-        self.ids, self.table = ids.long(), table.detach().clone().contiguous()
+        self.ids, self.table = ids.long(), table.detach().clone().contiguous() if copy else table
         self.optimizer = build_sparse_optimizer(optim, len(ids), table.shape[1], dtype=table.dtype)
         self.interaction, self.kind = interaction, kind
         #: applied by the optimiser to the rows it updates; None when the model has no such constraint

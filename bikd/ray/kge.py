@@ -8,6 +8,9 @@
   (PyTorch-BigGraph's setting), so only the cut edges' tails travel; the default draws them from all
   entities, as a single process does (local negatives cost quality on small graphs).
 - An ``EmbeddingShard`` actor owns the relation table and its optimiser state.
+- Same machine, no messages (``DistConfig.same_node_rows="shared"``, the default): every shard keeps its
+  rows in shared memory (:mod:`bikd.kge.shared`) and the trainers of its node read and update them in place,
+  as DGL-KE's trainers do with a machine's shared-memory embeddings; only rows on other nodes travel.
 - Each trainer is placed on a node of its own (node-affinity scheduling) among the nodes that have every
   resource of ``DistConfig.resources_per_trainer`` (e.g. ``{kge: 1}`` for nodes started with
   ``--resources='{"kge": 1}'``; none: every node with CPUs); the relation shard sits on the first.
@@ -29,6 +32,7 @@ import json
 import posixpath
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,8 +45,9 @@ from bikd.kge.models import KGEModel, build_interaction, build_model
 from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
+from bikd.kge.shared import SharedLayout, attach, can_share, share, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, check_added_triples, plan_step, step_gradients
-from bikd.ray.messages import AddTriples, PullRequest, PushGrads, Rows, Snapshot, array, snapshot_prefix, tensor
+from bikd.ray.messages import AddTriples, Peers, PullRequest, PushGrads, Rows, Snapshot, array, snapshot_prefix, tensor
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
 
@@ -64,6 +69,9 @@ class DistConfig:
     negatives: Literal["local", "global"] = "global"
     #: custom Ray resources each trainer needs: trainers go only to nodes that have them (e.g. {kge: 1})
     resources_per_trainer: dict[str, float] = field(default_factory=dict)
+    #: rows of shards on the trainer's own node: "shared" (read and updated in place in shared memory, no
+    #: message; unlocked updates in async mode, as DGL-KE) or "calls" (pulled and pushed as actor calls)
+    same_node_rows: Literal["shared", "calls"] = "shared"
 
     def __post_init__(self):
         if any(not v > 0 for v in self.resources_per_trainer.values()):
@@ -76,6 +84,8 @@ class DistConfig:
             raise ValueError(f"dist.staleness must be >= 0, got {self.staleness}")
         if self.negatives not in ("local", "global"):
             raise ValueError(f"dist.negatives must be 'local' or 'global', got {self.negatives!r}")
+        if self.same_node_rows not in ("shared", "calls"):
+            raise ValueError(f"dist.same_node_rows must be 'shared' or 'calls', got {self.same_node_rows!r}")
         if not self.cpus_per_trainer >= 0:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
@@ -102,14 +112,32 @@ class _RowServer:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def share_rows(self) -> tuple[str, SharedLayout | None]:
+        """Move the rows into a new shared-memory file (the current values; again at every (re)connection,
+        so a restarted peer maps the same memory as the others) and return (this node, its layout), or a
+        None layout when sharing is off or /dev/shm is full: peers then send messages."""
+        with self.lock:
+            self.layout = share(self.shard, self.share_name) if self.share_name else None
+        return self.node_id(), self.layout
+
+    def incarnation(self) -> str:
+        """Set when the process starts: a changed value means Ray restarted the actor (its state is gone)."""
+        return self.born
+
+    def release_file(self) -> None:
+        """Unlink the shared file once the peers mapped it: the memory goes with the last process."""
+        unlink(self.layout)
+
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class EmbeddingShard(_RowServer):
     """Thin actor around :class:`ShardState`: each method unpacks a message and calls it."""
 
-    def __init__(self, ids: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, kind: str):
+    def __init__(self, ids: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, kind: str, dist: DistConfig):
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), kind)
         self.lock = threading.Lock()
+        self.born = uuid.uuid4().hex
+        self.share_name = kind if dist.same_node_rows == "shared" and can_share(cfg.optimizer) else None
 
     def state_dict(self) -> dict:
         return self.shard.state_dict()
@@ -145,6 +173,12 @@ class KGETrainer(_RowServer):
         ids = (entity_owner == part).nonzero().flatten()
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
         self.lock = threading.Lock()
+        self.born = uuid.uuid4().hex
+        self.share_name = f"part{part}" if dist.same_node_rows == "shared" and can_share(cfg.optimizer) else None
+        #: shards of this node mapped from shared memory: partition -> ShardState, and the relation shard
+        self.attached: dict[int, ShardState] = {}
+        self.relation_rows: ShardState | None = None
+        self.num_calls = 0
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
         # local negatives (PyTorch-BigGraph): drawn from this partition's entities, so they never travel
@@ -185,9 +219,22 @@ class KGETrainer(_RowServer):
             self._build_sampler()
         return len(self.data)
 
-    def connect(self, peers: list) -> None:
-        """Handles of every partition's trainer (the owners of the other entity rows)."""
-        self.peers = {p: peer for p, peer in enumerate(peers) if p != self.part}
+    def connect(self, msg: Peers) -> None:
+        """Every partition's trainer (the owners of the other entity rows); those on this node whose rows
+        are in shared memory, and the relation shard if it is here, are mapped and used without messages."""
+        self.peers = {p: peer for p, peer in enumerate(msg.trainers) if p != self.part}
+        here, interaction = self.node_id(), self.shard.interaction
+        self.attached = {p: attach(layout, (self.owner == p).nonzero().flatten(), self.cfg.optimizer, interaction, "entity")
+                         for p, (node, layout) in enumerate(msg.layouts)
+                         if p != self.part and node == here and layout is not None}
+        node, layout = msg.relation_layout
+        self.relation_rows = None
+        if node == here and layout is not None:
+            self.relation_rows = attach(layout, torch.arange(self.num_relations), self.cfg.optimizer, interaction, "relation")
+
+    def counters(self) -> tuple[int, int]:
+        """(steps, actor calls made for them) so far: the exchange cost the bench reports."""
+        return self.step_count, self.num_calls
 
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
@@ -209,36 +256,53 @@ class KGETrainer(_RowServer):
         owner = self.owner[plan.entity_ids]
         groups = [(s, (owner == s).nonzero().flatten()) for s in owner.unique().tolist()]
         version = self.step_count
-        rel_ref = self.relation_shard.pull.remote(PullRequest(version=version, ids=array(plan.relation_ids)))
+        # messages first (they travel while this process gathers the rows it can read itself)
+        rel_ref = None
+        if self.relation_rows is None:
+            rel_ref = self.relation_shard.pull.remote(PullRequest(version=version, ids=array(plan.relation_ids)))
         remote = [(pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos]))))
-                  for s, pos in groups if s != self.part]
-        ent_rows = torch.empty(len(plan.entity_ids), self.shard.table.shape[1])
-        for s, pos in groups:
-            if s == self.part:
-                with self.lock:
-                    ent_rows[pos] = self.shard.pull(plan.entity_ids[pos])
-        for pos, ref in remote:
-            ent_rows[pos] = tensor(ray.get(ref).rows)
-        loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, tensor(ray.get(rel_ref).rows),
+                  for s, pos in groups if s != self.part and s not in self.attached]
+        self.num_calls += len(remote) + (rel_ref is not None)
+        if len(groups) == 1 and groups[0][0] == self.part:  # all rows are this trainer's: no scatter
+            with self.lock:
+                ent_rows = self.shard.pull(plan.entity_ids)
+        else:
+            ent_rows = torch.empty(len(plan.entity_ids), self.shard.table.shape[1])
+            for s, pos in groups:
+                if s == self.part:
+                    with self.lock:
+                        ent_rows[pos] = self.shard.pull(plan.entity_ids[pos])
+                elif s in self.attached:
+                    ent_rows[pos] = self.attached[s].pull(plan.entity_ids[pos])
+            for pos, ref in remote:
+                ent_rows[pos] = tensor(ray.get(ref).rows)
+        rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
+        loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, rel_rows,
                                                   self.cfg.loss, self.cfg.regularizer, weights, None, kd,
                                                   self.cfg.reverse_kd)
         self.step_count += 1
-        self.pending = [(self.relation_shard, PushGrads(step=self.step_count, source=self.part,
-                                                        ids=array(plan.relation_ids), grads=array(rel_grad)))]
+        # (target, ids, grads): target None = this trainer's rows, a ShardState = mapped, else an actor
+        self.pending = [(self.relation_rows or self.relation_shard, plan.relation_ids, rel_grad)]
         for s, pos in groups:
-            msg = PushGrads(step=self.step_count, source=self.part, ids=array(plan.entity_ids[pos]),
-                            grads=array(ent_grad[pos]))
-            self.pending.append((None if s == self.part else self.peers[s], msg))
+            whole = len(groups) == 1
+            ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
+            self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
         return loss
 
     def apply(self) -> list:
-        """Send the last step's gradients: local rows updated here, remote ones pushed; returns their refs."""
+        """Apply the last step's gradients: this trainer's rows and mapped shards' rows here, other nodes'
+        rows pushed; returns the pushes' refs."""
         refs = []
-        for target, msg in self.pending:
+        for target, ids, grads in self.pending:
             if target is None:
-                self.push(msg)
+                with self.lock:
+                    self.shard.push(ids, grads)
+            elif isinstance(target, ShardState):
+                target.push(ids, grads)  # another process's rows in shared memory: unlocked, as DGL-KE
             else:
-                refs.append(target.push.remote(msg))
+                refs.append(target.push.remote(PushGrads(step=self.step_count, source=self.part, ids=array(ids),
+                                                         grads=array(grads))))
+        self.num_calls += len(refs)
         self.pending = []
         return refs
 
@@ -297,6 +361,10 @@ class KGETrainer(_RowServer):
         self.load_state_dict(_load(storage, rel, sha256))
 
 
+class ActorRestarted(RuntimeError):
+    """An actor of the run was restarted by Ray (found by its incarnation, not by a failed call)."""
+
+
 def _save(storage: Storage, rel: str, state: dict) -> str:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -339,7 +407,7 @@ class ShardedKGE:
         self.node_of_part = [nodes[p % len(nodes)] for p in range(dist.num_parts)]
         self.entity_ids = [self.partitioning.entities_of(p) for p in range(dist.num_parts)]
         self.relation_shard = EmbeddingShard.options(scheduling_strategy=_node_strategy(nodes[0])).remote(
-            torch.arange(num_relations), init.relation.detach(), cfg, "relation")
+            torch.arange(num_relations), init.relation.detach(), cfg, "relation", dist)
         owner = self.partitioning.entity_part
         # keep the actors' constructor arguments referenced: a restarted actor is rebuilt from them
         self._init_args = [(ray.put(triples[self.partitioning.triples_of(p)]), ray.put(init.entity.detach()[ids]))
@@ -350,11 +418,11 @@ class ShardedKGE:
                 p, part_triples, num_entities, num_relations, owner, table, cfg, self.relation_shard, dist)
             for p, (part_triples, table) in enumerate(self._init_args)
         ]
+        self.num_recoveries = 0
         self._connect()
         self.interaction = init.interaction
         self.snapshot_version = 0
         self.epoch = 0
-        self.num_recoveries = 0
         self.kg_version, self.num_triples = 0, len(triples)
 
     def add_triples(self, triples: torch.Tensor, weights: torch.Tensor | None = None,
@@ -391,7 +459,20 @@ class ShardedKGE:
         return [self.relation_shard, *self.trainers]
 
     def _connect(self) -> None:
-        ray.get([t.connect.remote(self.trainers) for t in self.trainers])
+        """Tell every trainer its peers and which shards it can map; then the shared files are unlinked (the
+        memory stays while a process maps it), so a killed run leaves nothing behind in /dev/shm."""
+        layouts = ray.get([a.share_rows.remote() for a in self._actors()])
+        msg = Peers(version=self.num_recoveries, trainers=list(self.trainers), layouts=tuple(layouts[1:]),
+                    relation_layout=layouts[0])
+        ray.get([t.connect.remote(msg) for t in self.trainers])
+        ray.get([a.release_file.remote() for a in self._actors()])
+        self._incarnations = ray.get([a.incarnation.remote() for a in self._actors()])
+
+    def _check_restarts(self) -> None:
+        """Raise if an actor died and was restarted since the connection: same-node peers write its rows in
+        shared memory, so its death can go unnoticed by the epoch (the relation shard gets no call at all)."""
+        if ray.get([a.incarnation.remote() for a in self._actors()]) != self._incarnations:
+            raise ActorRestarted("a shard actor was restarted during the epoch")
 
     def entity_shard(self, part: int):
         """The actor holding partition ``part``'s entity rows (its trainer)."""
@@ -410,11 +491,13 @@ class ShardedKGE:
         of the epoch is skipped or trained twice."""
         start = time.perf_counter()
         restore_point = self._capture()
+        before = ray.get([t.counters.remote() for t in self.trainers])
         while True:
             try:
                 losses = self._run_epoch()
+                self._check_restarts()
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ActorRestarted) as error:
                 self.num_recoveries += 1
                 if self.num_recoveries > self.dist.max_recoveries:
                     raise RuntimeError(f"gave up after {self.dist.max_recoveries} actor failures") from error
@@ -423,7 +506,10 @@ class ShardedKGE:
                 self._restore_from(restore_point)
         self.epoch += 1
         seconds = time.perf_counter() - start
-        return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": self.num_triples / seconds}
+        after = ray.get([t.counters.remote() for t in self.trainers])
+        steps, calls = (sum(a[i] - b[i] for a, b in zip(after, before)) for i in (0, 1))
+        return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": self.num_triples / seconds,
+                "calls_per_step": calls / max(steps, 1)}  # actor calls per trainer step (approximate after a recovery)
 
     def _run_epoch(self) -> list[float]:
         if self.dist.mode == "sync":

@@ -65,3 +65,13 @@ class AddTriples:
     triples: np.ndarray  # (n, 3) int64, checked by the driver; heads owned by the receiving trainer (n may be 0)
     weights: np.ndarray  # (n,) float32 per-triple loss weights (the miner's confidences)
     targets: np.ndarray | None  # (n, R) float32 LM relation distributions for the KD term, or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Peers:
+    """Who holds which rows, sent to every trainer at the start and after each recovery."""
+
+    version: int  # the connection's generation (the driver's recovery count)
+    trainers: list  # every partition's trainer actor, in partition order
+    layouts: tuple  # per partition (node id, SharedLayout or None): where its rows are in shared memory
+    relation_layout: tuple  # the relation shard's (node id, SharedLayout or None)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,11 @@ def kg(tmp_path_factory) -> Path:
 
 
 def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_path):
-    whole = run(kg, tmp_path / "whole")
+    killed = tmp_path / "killed"
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run meanwhile: both mostly wait on process starts
+        uninterrupted = pool.submit(run, kg, tmp_path / "whole")
+        kill_after_round_1(kg, killed)
+        whole = uninterrupted.result()
     assert "round 2: mined" in whole.stdout and "done after round 2" in whole.stdout
     expected = state(tmp_path / "whole")
     assert [v[1] for v in expected["versions"]] == ["gold", "mined", "mined"], expected["versions"]
@@ -73,8 +78,6 @@ def test_sync_run_killed_mid_round_resumes_to_the_uninterrupted_state(kg, tmp_pa
     targets = np.load(tmp_path / "whole" / "mining" / "round-0001" / "targets.npz")  # reverse-KD soft labels
     assert targets["triples"].shape == (expected["versions"][1][2], 3) and np.allclose(targets["targets"].sum(1), 1.0)
 
-    killed = tmp_path / "killed"
-    kill_after_round_1(kg, killed)
     resumed = run(kg, killed)
     assert "resuming" in resumed.stdout and "after round 1" in resumed.stdout
     assert state(killed) == expected

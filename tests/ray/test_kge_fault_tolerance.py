@@ -67,13 +67,14 @@ def test_checkpoint_on_s3_and_mismatch_errors(ray_local, nations, s3_url, s3_end
         other.shutdown()
 
 
-def kill_mid_epoch(sharded: ShardedKGE, victim, min_version: int) -> threading.Thread:
-    """Kill ``victim`` (Ray restarts it) once its shard has applied ``min_version`` pushes of this epoch."""
+def kill_mid_epoch(sharded: ShardedKGE, victim, min_steps: int) -> threading.Thread:
+    """Kill ``victim`` (Ray restarts it) once trainer 0 has taken ``min_steps`` steps in all. (Trainer steps,
+    not the victim's pushes: same-node trainers update shared rows in place, the shard counts no push.)"""
     import ray
 
     def run():
-        while ray.get(victim.rows.remote()).version < min_version:
-            time.sleep(0.05)
+        while ray.get(sharded.trainers[0].counters.remote())[0] < min_steps:
+            time.sleep(0.01)
         ray.kill(victim, no_restart=False)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -81,14 +82,14 @@ def kill_mid_epoch(sharded: ShardedKGE, victim, min_version: int) -> threading.T
     return thread
 
 
-def train(kg, dist, epochs, kill_epoch=None, kill="trainer"):
-    sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(batch_size=50), dist)
+def train(kg, dist, epochs, kill_epoch=None, kill="trainer", batch_size=50):
+    sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(batch_size=batch_size), dist)
     try:
         for epoch in range(epochs):
             killer = None
             if epoch == kill_epoch:
                 victim = sharded.entity_shard(0) if kill == "trainer" else sharded.relation_shard
-                killer = kill_mid_epoch(sharded, victim, ray_version(victim) + 8)
+                killer = kill_mid_epoch(sharded, victim, steps_taken(sharded) + 3)
             sharded.train_epoch()
             if killer is not None:
                 killer.join(timeout=60)
@@ -104,18 +105,20 @@ def train(kg, dist, epochs, kill_epoch=None, kill="trainer"):
         sharded.shutdown()
 
 
-def ray_version(actor) -> int:
+def steps_taken(sharded: ShardedKGE) -> int:
     import ray
 
-    return ray.get(actor.rows.remote()).version
+    return ray.get(sharded.trainers[0].counters.remote())[0]
 
 
 @pytest.mark.parametrize("kill", ["trainer", "relation_shard"])
 def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations, kill):
     """A trainer holds its partition's entity rows, so killing it kills an entity shard too."""
     dist = DistConfig(num_parts=2, mode="sync")
-    clean, clean_mrr, _ = train(nations, dist, epochs=3)
-    hit, hit_mrr, recoveries = train(nations, dist, epochs=3, kill_epoch=1, kill=kill)
+    # small batches: ~60 lock-step rounds an epoch, so the kill lands mid-epoch (rows in shared memory make
+    # a round a few ms)
+    clean, clean_mrr, _ = train(nations, dist, epochs=3, batch_size=10)
+    hit, hit_mrr, recoveries = train(nations, dist, epochs=3, kill_epoch=1, kill=kill, batch_size=10)
     assert recoveries == 1  # the kill landed mid-epoch and the epoch was redone
     assert torch.equal(clean.entity, hit.entity) and torch.equal(clean.relation, hit.relation)
     assert hit_mrr == clean_mrr
@@ -124,13 +127,14 @@ def test_killed_shard_sync_run_equals_undisturbed_run(ray_local, nations, kill):
 def test_killed_shard_async_run_completes_with_same_quality(ray_local):
     """Async runs are not reproducible (push interleaving), so quality is compared, not bits. After 4 epochs
     this setup is still climbing steeply and CI saw a 0.053 gap under load; after 8 to 12 epochs it is near
-    its plateau (measured here: undisturbed 0.410 to 0.437, killed 0.420 to 0.454, 4 runs each), so 10 epochs
-    and a 0.05 bound. The 0.005 criterion itself is met exactly (difference 0) by the sync-mode test above,
-    where a killed run is bit-identical to an undisturbed one."""
+    its plateau, so 10 epochs. With rows updated in place in shared memory (unlocked, as DGL-KE) runs spread
+    wider: measured here under load, undisturbed 0.417 to 0.485, killed 0.407 to 0.492, differences -0.077
+    to +0.070 (5 pairs), so a 0.1 bound. The 0.005 criterion itself is met exactly (difference 0) by the
+    sync-mode test above, where a killed run is bit-identical to an undisturbed one."""
     umls = load_dataset("umls")
     dist = DistConfig(num_parts=2, mode="async", staleness=1)
     _, clean_mrr, _ = train(umls, dist, epochs=10)
     _, hit_mrr, recoveries = train(umls, dist, epochs=10, kill_epoch=1)
     assert recoveries == 1
     assert hit_mrr > 0.3  # an untrained model scores about 0.05
-    assert abs(hit_mrr - clean_mrr) <= 0.05, (clean_mrr, hit_mrr)
+    assert abs(hit_mrr - clean_mrr) <= 0.1, (clean_mrr, hit_mrr)
