@@ -20,12 +20,14 @@ bench/kge_throughput.py):
 Then the model: for FB15k-237, Wikidata5M and Freebase, memory per partition and the exchange per step at
 16 partitions against a step's compute (docs/SCALING.md says how each number is made).
 
-    python bench/kge_scaling.py [--data-dir ../shared/data/fb15k-237] [--reps 3]
+    python bench/kge_scaling.py [--data-dir ../shared/data/fb15k-237] [--reps 3]   # ~10 min on 2 cores
+    python bench/kge_scaling.py --table bench/results/kge_scaling.json                # the docs' tables
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -137,8 +139,37 @@ def model(measured: dict, counts: dict, args) -> dict:
     return out
 
 
+def tables(result: dict) -> str:
+    """docs/SCALING.md's tables from a kge_scaling JSON (``--table PATH``)."""
+    m, d = result["metrics"], result["details"]
+    lines = ["| partitions | negatives | remote entity rows / step | local rows / step | relation rows / step | calls / step | MB / step (dim 200) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for key, c in d["counts"].items():
+        lines.append(f"| {c['num_parts']} | {key.split('_')[1]} | {c['remote_rows_per_step']:,.0f} | {c['local_rows_per_step']:,.0f} | "
+                     f"{c['relation_rows_per_step']:,.0f} | {c['calls_per_step']:.1f} | {c['bytes_per_step'] / 1e6:.2f} |")
+    lines += ["", "| setting (2 CPU cores) | positives/s (median) | vs LocalTrainer | ms per trainer step |", "|---|---:|---:|---:|"]
+    med = d["medians_pos_per_s"]
+    ref = {"local_1thread": med["local_1thread"], "local_2thread": med["local_2thread"]}
+    for k, v in med.items():
+        per = 2 if k.startswith("ray_2") else 1
+        base = "local_1thread" if k in ("local_1thread", "ray_1trainer") else "local_2thread"
+        lines.append(f"| {k} | {v:,.0f} | {v / ref[base]:.2f}x ({base}) | {per * 1024 / v * 1e3:.1f} |")
+    lines += ["", "| graph | parts | negatives | entities | dim | GB per partition | pulled MB / step | exchange ms / step | "
+              "compute ms / step | exchange / compute |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in d["model"].items():
+        name, parts, neg = key.split("_")
+        lines.append(f"| {name} | {parts.removesuffix('part')} | {neg} | {r['entities']:,} | {r['dim']} | {r['memory_gb_per_part']:.2f} | "
+                     f"{r['pull_mb_per_step']:.2f} | {r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | "
+                     f"{r['exchange_vs_compute']:.0%} |")
+    lines += ["", f"(from `{result['benchmark']}` at commit {result['commit']}, {result['date']}; load average "
+              f"{result.get('loadavg_start')} -> {result.get('loadavg_end')}; "
+              f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f})"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", metavar="JSON", help="print docs/SCALING.md's tables from a result and exit")
     p.add_argument("--data-dir", default=str(DATA_DIR / "fb15k-237"))
     p.add_argument("--dim", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -152,6 +183,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p)
     args = p.parse_args()
+    if args.table:
+        print(tables(json.loads(Path(args.table).read_text())))
+        return
     run = start_run("kge_scaling", args)
     kg = load_dataset("fb15k237", path=args.data_dir)
     counts = counted(kg, args)
@@ -185,9 +219,11 @@ def main() -> None:
         metrics[f"{key}_memory_gb_per_part"] = scaled[key]["memory_gb_per_part"]
     for k, v in metrics.items():
         print(f"{k}: {v:.4g}")
-    print(run.write(metrics, {"counts": counts, "runs": runs, "medians_pos_per_s": med, "model": scaled,
-                              "network_gbps_assumed": NETWORK_GBPS, "datasets_quoted": DATASETS,
-                              "timed_seconds": time.perf_counter() - t0}))
+    path = run.write(metrics, {"counts": counts, "runs": runs, "medians_pos_per_s": med, "model": scaled,
+                               "network_gbps_assumed": NETWORK_GBPS, "datasets_quoted": DATASETS,
+                               "timed_seconds": time.perf_counter() - t0})
+    print(tables(json.loads(Path(path).read_text())))
+    print(path)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ state, then the updates are applied in trainer order), which makes runs bit-for-
 from __future__ import annotations
 
 import io
+import logging
 import json
 import posixpath
 import threading
@@ -45,7 +46,7 @@ from bikd.kge.models import KGEModel, build_interaction, build_model
 from bikd.kge.partition import PartitionConfig, Partitioning, partition
 from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_triples
 from bikd.kge.shard import ShardState
-from bikd.kge.shared import SharedLayout, attach, can_share, share, unlink
+from bikd.kge.shared import SharedLayout, attach, can_share, share, shm_root, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, check_added_triples, plan_step, step_gradients
 from bikd.ray.messages import AddTriples, Peers, PullRequest, PushGrads, Rows, Snapshot, array, snapshot_prefix, tensor
 from bikd.manifest import read_listed, sha256_hex
@@ -118,6 +119,10 @@ class _RowServer:
         None layout when sharing is off or /dev/shm is full: peers then send messages."""
         with self.lock:
             self.layout = share(self.shard, self.share_name) if self.share_name else None
+        if self.share_name and self.layout is None:
+            logging.getLogger(__name__).warning(
+                "%s: no room in %s for %.1f MB of rows; peers on this node use actor calls (slower, same result)",
+                self.share_name, shm_root(), self.shard.table.numel() * self.shard.table.element_size() / 1e6)
         return self.node_id(), self.layout
 
     def incarnation(self) -> str:
