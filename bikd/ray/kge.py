@@ -73,6 +73,9 @@ class DistConfig:
     #: rows of shards on the trainer's own node: "shared" (read and updated in place in shared memory, no
     #: message; unlocked updates in async mode, as DGL-KE) or "calls" (pulled and pushed as actor calls)
     same_node_rows: Literal["shared", "calls"] = "shared"
+    #: async mode: send a step's pulls (rows on other nodes) before the previous step computes, hiding their
+    #: latency; those rows are then one step staler
+    prefetch: bool = True
 
     def __post_init__(self):
         if any(not v > 0 for v in self.resources_per_trainer.values()):
@@ -175,6 +178,7 @@ class KGETrainer(_RowServer):
         self.num_entities, self.num_relations = num_entities, num_relations
         self.data = TrainingTriples(triples, num_relations)
         self.relation_shard, self.staleness, self.peers = relation_shard, dist.staleness, {}
+        self.prefetch = dist.prefetch
         ids = (entity_owner == part).nonzero().flatten()
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
         self.lock = threading.Lock()
@@ -248,6 +252,12 @@ class KGETrainer(_RowServer):
 
     def compute(self) -> float | None:
         """One step up to the gradients, which wait in ``self.pending`` for ``apply``; None once the epoch is done."""
+        step = self._prepare()
+        return None if step is None else self._finish(step)
+
+    def _prepare(self) -> tuple | None:
+        """Draw the next step's batch and negatives, plan its rows and send the pulls of rows that live on other
+        nodes (they travel meanwhile); None once the epoch is done."""
         if self.batches.epoch != self.target_epoch:
             return None
         if torch.get_num_threads() != self.num_threads:
@@ -268,6 +278,11 @@ class KGETrainer(_RowServer):
         remote = [(pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos]))))
                   for s, pos in groups if s != self.part and s not in self.attached]
         self.num_calls += len(remote) + (rel_ref is not None)
+        return plan, neg, weights, kd, groups, rel_ref, remote
+
+    def _finish(self, step: tuple) -> float:
+        """Read this node's rows, wait for the pulled ones, and compute the loss and the gradients."""
+        plan, neg, weights, kd, groups, rel_ref, remote = step
         if len(groups) == 1 and groups[0][0] == self.part:  # all rows are this trainer's: no scatter
             with self.lock:
                 ent_rows = self.shard.pull(plan.entity_ids)
@@ -323,11 +338,16 @@ class KGETrainer(_RowServer):
         self.begin_epoch()
         start, losses, in_flight = time.perf_counter(), [], []
         try:
-            while (loss := self.compute()) is not None:
-                losses.append(loss)
+            step = self._prepare()
+            while step is not None:
+                # prefetch: the next step's pulls are sent before this step computes, so their latency hides
+                # behind it (those rows miss this step's update: one step staler, as async mode allows)
+                ahead = self._prepare() if self.prefetch else None
+                losses.append(self._finish(step))
                 in_flight.append(self.apply())
                 while len(in_flight) > self.staleness:
                     ray.get(in_flight.pop(0))
+                step = ahead if self.prefetch else self._prepare()
         finally:
             # even when a peer died: no push of this epoch may land after the driver restores the shards
             refs = [ref for step in in_flight for ref in step]
