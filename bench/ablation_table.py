@@ -39,9 +39,16 @@ def table(result: dict, skip: tuple[str, ...] = ()) -> str:
     for d, name in ROWS.items():
         if any(key.startswith(f"{d}.") for key in m):
             lines.append(f"| {name} | " + " | ".join(cell(m, d, k) for k in cols) + " |")
-    seeds = sorted({r["seed"] for runs in result["details"]["runs"].values() for r in runs})
-    return "\n".join(lines) + (f"\n\nMedian [min, max] over seeds {', '.join(map(str, seeds))}; commit `{result['commit']}`, "
-                               f"{result['date'][:10]}, {result['machine']}.")
+    details = result["details"]
+    seeds = sorted({r["seed"] for runs in details["runs"].values() for r in runs})
+    # runs kept from an interrupted invocation carry the commit they were made at
+    made = sorted({r.get("commit", result["commit"])[:12] for runs in details["runs"].values() for r in runs})
+    commits = f"commit `{result['commit']}`" if made == [result["commit"][:12]] else "runs made at commits " + ", ".join(
+        f"`{c}` (seeds {', '.join(str(s) for s in sorted({r['seed'] for runs in details['runs'].values() for r in runs if r.get('commit', result['commit'])[:12] == c}))})"
+        for c in made)
+    partial = "" if details.get("complete", True) else f" Incomplete: {details['runs_done']} of {details['runs_planned']} runs."
+    return "\n".join(lines) + (f"\n\nMedian [min, max] over seeds {', '.join(map(str, seeds))}; {commits}, "
+                               f"{result['date'][:10]}, {result['machine']}.{partial}")
 
 
 #: the columns of the paired table (what fusion and mining should move)
