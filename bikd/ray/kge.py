@@ -28,8 +28,8 @@ state, then the updates are applied in trainer order), which makes runs bit-for-
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import posixpath
 import threading
 import time
@@ -116,6 +116,12 @@ class _RowServer:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def _init_sharing(self, name: str, dist: DistConfig, optim) -> None:
+        """This process's identity (see ``incarnation``) and, if its rows may be shared, their file's name."""
+        self.born = uuid.uuid4().hex
+        self.share_name = name if dist.same_node_rows == "shared" and can_share(optim) else None
+        self.layout = None
+
     def share_rows(self) -> tuple[str, SharedLayout | None]:
         """Move the rows into a new shared-memory file (the current values; again at every (re)connection,
         so a restarted peer maps the same memory as the others) and return (this node, its layout), or a
@@ -144,8 +150,7 @@ class EmbeddingShard(_RowServer):
     def __init__(self, ids: torch.Tensor, table: torch.Tensor, cfg: KGETrainConfig, kind: str, dist: DistConfig):
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), kind)
         self.lock = threading.Lock()
-        self.born = uuid.uuid4().hex
-        self.share_name = kind if dist.same_node_rows == "shared" and can_share(cfg.optimizer) else None
+        self._init_sharing(kind, dist, cfg.optimizer)
 
     def state_dict(self) -> dict:
         return self.shard.state_dict()
@@ -182,8 +187,7 @@ class KGETrainer(_RowServer):
         ids = (entity_owner == part).nonzero().flatten()
         self.shard = ShardState(ids, table, cfg.optimizer, build_interaction(cfg.model), "entity")
         self.lock = threading.Lock()
-        self.born = uuid.uuid4().hex
-        self.share_name = f"part{part}" if dist.same_node_rows == "shared" and can_share(cfg.optimizer) else None
+        self._init_sharing(f"part{part}", dist, cfg.optimizer)
         #: shards of this node mapped from shared memory: partition -> ShardState, and the relation shard
         self.attached: dict[int, ShardState] = {}
         self.relation_rows: ShardState | None = None
@@ -303,8 +307,8 @@ class KGETrainer(_RowServer):
         self.step_count += 1
         # (target, ids, grads): target None = this trainer's rows, a ShardState = mapped, else an actor
         self.pending = [(self.relation_rows or self.relation_shard, plan.relation_ids, rel_grad)]
+        whole = len(groups) == 1
         for s, pos in groups:
-            whole = len(groups) == 1
             ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
             self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
         return loss
