@@ -59,6 +59,7 @@ class Driver:
         self.kg = load_from_config(cfg.data)
         self.store = self._open_store()
         self.exchange_name = f"bikd-exchange-{os.getpid()}"
+        self.on_round: Callable[[dict], None] = lambda row: None  # e.g. a Ray Tune trial reporting each round
 
     # ---- pieces ------------------------------------------------------------------------------------
     def _open_store(self) -> KGStore:
@@ -259,6 +260,7 @@ class Driver:
         self._append_metrics(row)
         rows.append(row)
         self.rundir.save_progress({**progress, "round": row["round"], "kg_version": self.store.head})
+        self.on_round(row)  # after the round is recorded: a hook that raises leaves a resumable run
         loop = self.cfg.loop
         if loop.time_budget_s is not None and time.monotonic() - start >= loop.time_budget_s:
             return f"time budget of {loop.time_budget_s:g} s"
@@ -271,6 +273,11 @@ class Driver:
     def finished(self) -> dict | None:
         """The final summary of a finished run (nothing left to do), else None."""
         return self.rundir.finished()
+
+    def completed_rounds(self) -> list[dict]:
+        """The metrics rows of the rounds completed so far (a resumed run continues after the last)."""
+        done = int((self.rundir.progress() or {"round": 0})["round"])
+        return [row for row in self._metrics_lines() if row["round"] <= done]
 
     def run(self) -> dict:
         cfg, loop = self.cfg, self.cfg.loop

@@ -39,7 +39,7 @@ from typing import Literal
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from bikd.kge.export import export_embeddings
 from bikd.kge.models import KGEModel, build_interaction, build_model
@@ -407,7 +407,12 @@ def _load(storage: Storage, rel: str, sha256: str) -> dict:
     return torch.load(io.BytesIO(read_listed(storage, rel, sha256, listed_in=manifest)), weights_only=True)
 
 
-def _node_strategy(node_id: str) -> NodeAffinitySchedulingStrategy:
+def _node_strategy(node_id: str) -> NodeAffinitySchedulingStrategy | PlacementGroupSchedulingStrategy:
+    """On ``node_id``; inside a placement group (a Ray Tune trial's bundles) into that group instead, so a
+    trial's trainers use the CPUs reserved for them rather than wait for CPUs the group holds."""
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
 
