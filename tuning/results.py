@@ -132,4 +132,5 @@ def write_results(grid, sweep, storage: Storage) -> dict[str, Any]:
     header = (f"# the best trial ({best['trial_id']}, objective {best['objective']:.4f}) of sweep {sweep.url}:\n"
               + "".join(f"#   {k}: {_fmt(params[k])}\n" for k in keys))
     storage.write_text("best.yaml", header + dump_yaml(cfg))
-    return {"markdown": md, "best_trial": best["trial_id"], "best_objective": best["objective"], "importance": ranked}
+    return {"markdown": md, "best_trial": best["trial_id"], "best_objective": best["objective"], "importance": ranked,
+            "rows": rows}
