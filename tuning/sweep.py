@@ -66,6 +66,14 @@ class ASHAConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class SweepDebugConfig:
+    """Fault injection for tests: the first trial to complete round 1 while ``fail_once_marker`` (a local path)
+    does not exist creates it and fails, before reporting that round (FailureConfig's retry then resumes it)."""
+
+    fail_once_marker: str | None = None
+
+
+@dataclass(kw_only=True, frozen=True)
 class SweepConfig:
     name: str = "fusion"
     #: the experiment goes to <storage_path>/<name>: a local folder or any fsspec URL (s3://, gs://)
@@ -93,6 +101,7 @@ class SweepConfig:
     driver_cpus: float = 0.25
     #: stop the sweep's Ray Tune loop after this long (null: when every trial is done)
     time_budget_s: float | None = None
+    debug: SweepDebugConfig = field(default_factory=SweepDebugConfig)
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -192,6 +201,10 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
         def on_round(row: dict) -> None:
             # the last round is reported once the run has finished (its test evaluation and report written):
             # ASHA stops a trial at max_t, and a stop ends the trial's process at once
+            marker = sweep.debug.fail_once_marker
+            if marker and row["round"] == 1 and not os.path.exists(marker):
+                Path(marker).write_text(f"trial {trial_id} failed after round 1\n")
+                raise RuntimeError(f"trial {trial_id}: the failure debug.fail_once_marker asked for")
             if row["round"] < cfg.loop.rounds:
                 tune.report(_reported(row, sweep, len(done)))
             else:
@@ -207,6 +220,14 @@ def _start_ray(need: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     elif not ray.is_initialized():
+        from ray._private.services import find_gcs_addresses
+
+        if others := find_gcs_addresses():
+            raise ValueError(
+                f"another Ray instance runs on this machine (GCS {', '.join(sorted(others))}): a sweep starting its own "
+                "beside it would leave the CPUs of every trial ASHA stops held (Ray Train's cleanup of the trial's LM "
+                "workers finds the cluster through the state API, which cannot tell two local instances apart); run "
+                "the sweep on that cluster (RAY_ADDRESS=...) or stop it first")
         # the dashboard serves the state API through which Ray Train's cleaner finds the LM workers' placement
         # group of a trial that ASHA stopped (and removes it); without it those CPUs stay held
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",

@@ -69,8 +69,16 @@ class KnowledgeFusion(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.proj = nn.Linear(entity_dim, hidden_size)
-        self.gate = nn.Parameter(torch.full((hidden_size,) if gate == "vector" else (), float(gate_init)))
+        # a scalar gate is shape (1,), not (): DeepSpeed broadcasts every parameter viewed as bytes, which a
+        # 0-dim tensor cannot be
+        self.gate = nn.Parameter(torch.full((hidden_size,) if gate == "vector" else (1,), float(gate_init)))
         self.dropout = nn.Dropout(dropout)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        gate = state_dict.get(prefix + "gate")
+        if gate is not None and gate.dim() == 0:  # saved before the scalar gate became (1,)
+            state_dict[prefix + "gate"] = gate.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, h: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
         # the KG table is float32; under bf16 training the projection's weights are bf16

@@ -83,7 +83,14 @@ def test_nonzero_gate_changes_only_linked_tokens_at_the_fusion_layer(bert):
 def test_scalar_gate_and_no_linked_tokens(bert):
     inputs, token_entity = make_inputs()
     model = fused(bert, layers=(0,), gate="scalar", gate_init=0.3)
-    assert model.fusions["0"].gate.shape == ()
+    # (1,), not (): DeepSpeed's engine broadcasts each parameter as bytes, which fails on a 0-dim tensor
+    assert model.fusions["0"].gate.shape == (1,) and all(p.dim() >= 1 for p in model.parameters())
+    for p in model.parameters():
+        p.data.view(torch.uint8)
+    old = {k: (v.reshape(()) if k == "fusions.0.gate" else v) for k, v in model.state_dict().items()}
+    again = fused(bert, layers=(0,), gate="scalar")
+    again.load_state_dict(old)  # a checkpoint from before, with a 0-dim gate
+    assert again.fusions["0"].gate.shape == (1,) and again.fusions["0"].gate.item() == pytest.approx(0.3)
     none_linked = torch.full_like(token_entity, -1)
     assert torch.equal(model(**inputs, token_entity=none_linked).last_hidden_state, bert(**inputs).last_hidden_state)
     assert not torch.equal(model(**inputs, token_entity=token_entity).last_hidden_state,
