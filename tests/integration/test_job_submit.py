@@ -77,10 +77,12 @@ def head(tmp_path):
                 time.sleep(1.0)
         yield url, env
     finally:
-        # SIGKILL, the whole group: every process of this head is the test's own, and `ray start --block`
-        # takes ~35 s to shut down gracefully on SIGTERM
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
