@@ -267,10 +267,10 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
             trainable, param_space=sweep.search_space(),
             tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
                                         search_alg=OptunaSearch(seed=sweep.seed), num_samples=sweep.num_samples,
-                                        max_concurrent_trials=concurrent, trial_dirname_creator=lambda t: t.trial_id),
+                                        max_concurrent_trials=concurrent, trial_dirname_creator=lambda t: t.trial_id,
+                                        time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=path, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                      stop={"time_total_s": sweep.time_budget_s} if sweep.time_budget_s else None,
                                       verbose=1))
     print(f"sweep {sweep.url}: {sweep.num_samples} trials of space {sweep.space!r}, {concurrent} at a time, "
           f"each reserving {bundles} + LM {required_cpus(base)['lm']:g} CPUs", flush=True)
