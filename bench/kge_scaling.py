@@ -68,7 +68,8 @@ def counted(kg, args) -> dict:
 
 def ray_epochs(kg, args, parts: int, rows: str, cpus: float) -> dict:
     """Positives/s of the async Ray path (median of timed epochs after one warm-up) and its calls per step."""
-    from bikd.ray.kge import DistConfig, ShardedKGE
+    from bikd.ray.kge import DistConfig
+    from bikd.ray.sharded import ShardedKGE
 
     dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows)
     sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, args.negatives), dist)

@@ -176,7 +176,8 @@ def bikd_local_throughput(kg, args, negatives: int, threads: int) -> dict:
 
 
 def bikd_ray_throughput(kg, args, negatives: int, parts: int, negatives_from: str = "global") -> dict:
-    from bikd.ray.kge import DistConfig, ShardedKGE
+    from bikd.ray.kge import DistConfig
+    from bikd.ray.sharded import ShardedKGE
 
     # the machine's 2 CPUs split between the trainers (one trainer gets both, as LocalTrainer does)
     dist = DistConfig(num_parts=parts, mode="async", negatives=negatives_from, cpus_per_trainer=2 / parts)

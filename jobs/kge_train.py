@@ -30,7 +30,8 @@ from bikd.kg.datasets import DataConfig, load_from_config
 from bikd.kge.export import export_embeddings
 from bikd.kge.loop import LocalEpochs, LoopConfig, train_epochs
 from bikd.kge.training import KGETrainConfig, LocalTrainer
-from bikd.ray.kge import DistConfig, ShardedEpochs, ShardedKGE
+from bikd.ray.kge import DistConfig
+from bikd.ray.sharded import ShardedEpochs, ShardedKGE
 from bikd.runs import RunDir
 from bikd.storage import Storage
 

@@ -27,7 +27,7 @@ from bikd.mining.extract import encoder_from_export, fit_extractor
 from bikd.mining.inputs import link_text
 from bikd.mining.round import known_triples, run_round
 from bikd.ray.exchange import LMRound, TableOffer, exchange_actor
-from bikd.ray.kge import ShardedKGE
+from bikd.ray.sharded import ShardedKGE
 from bikd.kge.export import load_embeddings
 from bikd.ray.messages import Snapshot, snapshot_prefix
 from bikd.ray.mining import ActorScorer, extractor_factory

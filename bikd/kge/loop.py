@@ -1,6 +1,6 @@
 """The epoch loop of the KG-embedding jobs: train, log, validate, checkpoint, stop cleanly, resume.
 
-It drives any :class:`EpochTrainer` (the in-process :class:`LocalEpochs` here; ``bikd.ray.kge.ShardedEpochs``
+It drives any :class:`EpochTrainer` (the in-process :class:`LocalEpochs` here; ``bikd.ray.sharded.ShardedEpochs``
 on Ray) and records where it is in the run directory (:class:`bikd.runs.RunDir`): a checkpoint every
 ``checkpoint_every`` epochs and at a stop request, then ``progress.json`` naming it, the epochs done and the
 history. Run again with the same directory, the loop restores that checkpoint and continues.

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from bikd.kg.datasets import load_dataset
-from bikd.ray.kge import DistConfig, ShardedKGE
+from bikd.ray.kge import DistConfig
+from bikd.ray.sharded import ShardedKGE
 from bikd.storage import Storage, StorageError
 from kge_configs import cfg
 

@@ -8,7 +8,8 @@ import pytest
 
 from bikd.kg.datasets import load_dataset
 from bikd.eval import evaluate
-from bikd.ray.kge import DistConfig, ShardedKGE
+from bikd.ray.kge import DistConfig
+from bikd.ray.sharded import ShardedKGE
 from kge_configs import cfg
 
 

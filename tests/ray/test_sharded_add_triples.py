@@ -11,7 +11,8 @@ from bikd.kge.losses import LossConfig, ReverseKDConfig
 from bikd.kge.models import ModelConfig
 from bikd.kge.sampling import NegativeSamplerConfig
 from bikd.kge.training import LocalTrainer
-from bikd.ray.kge import DistConfig, ShardedKGE
+from bikd.ray.kge import DistConfig
+from bikd.ray.sharded import ShardedKGE
 from bikd.storage import Storage
 from kge_configs import cfg as base_cfg
 

@@ -8,7 +8,8 @@ import torch
 from bikd.eval import evaluate
 from bikd.kg.datasets import load_dataset
 from bikd.kge.training import LocalTrainer
-from bikd.ray.kge import DistConfig, ShardedKGE
+from bikd.ray.kge import DistConfig
+from bikd.ray.sharded import ShardedKGE
 from kge_configs import cfg
 
 
