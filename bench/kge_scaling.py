@@ -13,12 +13,17 @@ bench/kge_throughput.py):
   ``overhead_ms_per_step_1node``;
 - 2 trainers (1 thread each) on ONE node, rows in shared memory (the default), and the same with rows as
   actor calls: ``ray_2trainers_vs_local`` is the first against LocalTrainer at 2 threads;
-- 2 trainers on 2 simulated nodes (``ray.cluster_utils.Cluster``, 1 CPU each): every remote row a call, as
-  between machines but over loopback: ``overhead_ms_per_step_2node``. (4 simulated nodes on 2 cores would
-  time contention, not the network.)
+- 2 trainers on 2 simulated nodes (``ray.cluster_utils.Cluster``, 1 CPU each): every remote row travels, as
+  between machines but over loopback, through the other node's server (the default, one pull and one push per
+  step) or as calls to the owning trainer: ``overhead_ms_per_step_2node`` and ``..._trainer``. Both trainers
+  train, so each node's one core also serves the other's rows: contention, not the network;
+- the same with only partition 0's trainer training (``..._idle_peer``): the other node's core is free to
+  serve, as on a cluster node with a core for its server; this is the per-call cost the model uses. (4
+  simulated nodes on 2 cores would time contention, not the network.)
 
 Then the model: for FB15k-237, Wikidata5M and Freebase, memory per partition and the exchange per step at
-16 partitions against a step's compute (docs/SCALING.md says how each number is made).
+4 and 16 partitions (one per node, or 16 on 4 nodes) against a step's compute (docs/SCALING.md says how each
+number is made).
 
     python bench/kge_scaling.py [--data-dir ../shared/data/fb15k-237] [--reps 3]   # ~10 min on 2 cores
     python bench/kge_scaling.py --table bench/results/kge_scaling.json                # the docs' tables
@@ -47,6 +52,8 @@ PARTS = (1, 2, 4, 8, 16)
 #: (Wikidata5M: Wang et al. 2021, KEPLER; Freebase: Zheng et al. 2020, DGL-KE, its TransE runs at dim 400)
 DATASETS = {"fb15k237": (14_505, 237, 272_115, 200), "wikidata5m": (4_594_485, 822, 20_614_279, 400),
             "freebase": (86_054_151, 14_824, 338_586_276, 400)}
+#: partitions per node counted besides one per node: Freebase's 16 partitions on 4 nodes of 4 trainers
+NODE_LAYOUTS = {16: (1, 4)}
 NETWORK_GBPS = 10.0  # an assumed 10 Gb/s link between nodes (cloud instances have 10 to 100)
 
 
@@ -56,25 +63,44 @@ def counted(kg, args) -> dict:
     out = {}
     for num_parts in PARTS:
         parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, seed=args.seed))
-        for neg in ("global", "local"):
-            t = count_step_traffic(parts, kg.num_entities, cfg, entity_width=args.dim, relation_width=args.dim,
-                                   negatives=neg, num_steps=args.count_steps)
-            out[f"{num_parts}part_{neg}"] = t.__dict__
-            print(f"{num_parts:2d} parts, {neg:6s} negatives: {t.remote_rows_per_step:7.0f} remote rows, "
-                  f"{t.local_rows_per_step:6.0f} local, {t.calls_per_step:4.1f} calls, {t.bytes_per_step / 1e6:5.2f} MB per step",
-                  flush=True)
+        for per_node in NODE_LAYOUTS.get(num_parts, (1,)):
+            for neg in ("global", "local"):
+                t = count_step_traffic(parts, kg.num_entities, cfg, entity_width=args.dim, relation_width=args.dim,
+                                       negatives=neg, num_steps=args.count_steps, parts_per_node=per_node)
+                out[layout_key(num_parts, per_node, neg)] = {**t.__dict__, "negatives": neg}
+                print(f"{num_parts:2d} parts, {per_node} per node, {neg:6s} negatives: {t.remote_rows_per_step:7.0f} remote rows, "
+                      f"{t.local_rows_per_step:6.0f} local, {t.calls_per_step:4.1f} calls to trainers, "
+                      f"{t.server_calls_per_step:4.1f} to node servers, {t.bytes_per_step / 1e6:5.2f} MB per step", flush=True)
     return out
 
 
-def ray_epochs(kg, args, parts: int, rows: str, cpus: float) -> dict:
-    """Positives/s of the async Ray path (median of timed epochs after one warm-up) and its calls per step."""
+def layout_key(num_parts: int, per_node: int, neg: str) -> str:
+    return f"{num_parts}part_{neg}" if per_node == 1 else f"{num_parts}part_{per_node}pernode_{neg}"
+
+
+def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "server", only_first: bool = False) -> dict:
+    """Positives/s of the async Ray path (median of timed epochs after one warm-up) and its calls per step.
+    ``only_first``: only partition 0's trainer trains; the others just hold their rows (their node's server,
+    or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on)."""
+    import ray
+
     from bikd.ray.kge import DistConfig
     from bikd.ray.sharded import ShardedKGE
 
-    dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows)
+    dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows, cross_node_rows=cross)
     sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, args.negatives), dist)
     try:
-        stats = [sharded.train_epoch() for _ in range(1 + args.ray_epochs)][1:]
+        if only_first:
+            first = sharded.trainers[0]
+            stats = []
+            for _ in range(1 + args.ray_epochs):
+                before = ray.get(first.counters.remote())
+                epoch = ray.get(first.run_epoch.remote())
+                steps, calls = (a - b for a, b in zip(ray.get(first.counters.remote()), before))
+                stats.append({"triples_per_s": epoch["triples"] / epoch["seconds"], "calls_per_step": calls / max(steps, 1)})
+            stats = stats[1:]
+        else:
+            stats = [sharded.train_epoch() for _ in range(1 + args.ray_epochs)][1:]
     finally:
         sharded.shutdown()
     return {"pos_per_s": statistics.median(s["triples_per_s"] for s in stats), "calls_per_step": stats[-1]["calls_per_step"],
@@ -103,6 +129,10 @@ def timed(kg, args) -> dict:
                 cluster.add_node(num_cpus=1)
             ray.init(address=cluster.address, log_to_driver=False)
             runs.setdefault("ray_2nodes", []).append(ray_epochs(kg, args, 2, "shared", 1.0))
+            runs.setdefault("ray_2nodes_trainer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer"))
+            runs.setdefault("ray_2nodes_idle_peer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, only_first=True))
+            runs.setdefault("ray_2nodes_idle_peer_trainer", []).append(
+                ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer", only_first=True))
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -111,57 +141,73 @@ def timed(kg, args) -> dict:
 
 
 def model(measured: dict, counts: dict, args) -> dict:
-    """Memory per partition and the exchange per step against compute, for each dataset at 4 and 16 parts.
+    """Memory per partition and the exchange per step against compute, for each dataset at 4 partitions and
+    at 16 (one per node, or 4 nodes of 4).
 
-    A trainer issues all its pulls at once and waits for them (pushes go out after the step and overlap the
-    next one), so a step's exchange is: the measured Ray cost of a step with remote rows (2 simulated nodes:
-    latency, serialisation, serving the peer's pulls), scaled by the remote rows it moves, plus the pulled
-    bytes over an assumed link. Compute is LocalTrainer's measured step at 2 threads, scaled by dim."""
+    A step's exchange is its node-server calls (counted for the layout) times the cost of one call, plus the
+    pulled bytes over an assumed link. The cost of a call is measured on 2 simulated nodes with the serving
+    node's core free (``overhead_ms_per_step_2node_idle_peer`` over its measured calls per step): what a
+    cluster node with a core for its server pays, serialisation and loopback transfer included. It is charged
+    for every call in series (pushes and prefetched pulls in fact overlap the step) and scaled up where a
+    call carries more rows than the measured one. Compute is LocalTrainer's measured step at 2 threads, scaled
+    by dim."""
     out = {}
-    base_rows = counts["2part_global"]["remote_rows_per_step"] + counts["2part_global"]["relation_rows_per_step"]
+    per_call_ms = measured["overhead_ms_per_step_2node_idle_peer"] / measured["calls_per_step_2node_idle_peer_measured"]
+    m = counts["2part_global"]
+    measured_row_floats = (m["remote_rows_per_step"] + m["relation_rows_per_step"]) / (m["server_calls_per_step"] / 2) * args.dim
     for name, (num_ent, num_rel, num_triples, dim) in DATASETS.items():
-        for num_parts in (4, 16):
+        for num_parts, per_node in ((4, 1), (16, 1), (16, 4)):
             for neg in ("global", "local"):
-                c = counts[f"{num_parts}part_{neg}"]
+                key = layout_key(num_parts, per_node, neg)
+                c = counts[key]
                 # a step's shape is the batch's, not the graph's: the counted rows per step carry over; the
                 # remote share is FB15k-237's METIS cut (dense, so hard to cut: an upper bound for sparser graphs)
                 rows = c["remote_rows_per_step"] + c["relation_rows_per_step"]
                 pull_mb = rows * 4 * dim / 1e6
-                ray_ms = measured["overhead_ms_per_step_2node"] * rows / base_rows * dim / args.dim
-                exchange_ms = ray_ms + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3
+                pulls = max(c["server_calls_per_step"] / 2, 1e-9)
+                payload = max(1.0, rows / pulls * dim / measured_row_floats)
+                exchange_ms = per_call_ms * c["server_calls_per_step"] * payload + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3
                 compute_ms = measured["local_ms_per_step_2thread"] * dim / args.dim
-                out[f"{name}_{num_parts}part_{neg}"] = {
+                out[f"{name}_{key}"] = {
                     "entities": num_ent, "relations": num_rel, "triples": num_triples, "dim": dim,
+                    "num_parts": num_parts, "parts_per_node": per_node, "negatives": neg,
                     # rows and row-wise Adagrad state (one float per row), and the partition's triples (int64)
                     "memory_gb_per_part": (num_ent / num_parts * (dim + 1) * 4 + num_triples / num_parts * 3 * 8) / 1e9,
-                    "remote_rows_per_step": c["remote_rows_per_step"], "calls_per_step": c["calls_per_step"],
+                    "remote_rows_per_step": c["remote_rows_per_step"], "server_calls_per_step": c["server_calls_per_step"],
                     "pull_mb_per_step": pull_mb, "exchange_ms_per_step": exchange_ms,
                     "compute_ms_per_step": compute_ms, "exchange_vs_compute": exchange_ms / compute_ms}
     return out
 
 
+def training_trainers(setting: str) -> int:
+    """Trainers that train in a timed setting (they share its positives/s)."""
+    return 1 if "idle_peer" in setting or not setting.startswith("ray_2") else 2
+
+
 def tables(result: dict) -> str:
     """docs/SCALING.md's tables from a kge_scaling JSON (``--table PATH``)."""
     m, d = result["metrics"], result["details"]
-    lines = ["| partitions | negatives | remote entity rows / step | local rows / step | relation rows / step | calls / step | MB / step (dim 200) |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for key, c in d["counts"].items():
-        lines.append(f"| {c['num_parts']} | {key.split('_')[1]} | {c['remote_rows_per_step']:,.0f} | {c['local_rows_per_step']:,.0f} | "
-                     f"{c['relation_rows_per_step']:,.0f} | {c['calls_per_step']:.1f} | {c['bytes_per_step'] / 1e6:.2f} |")
-    lines += ["", "| setting (2 CPU cores) | positives/s (median) | vs LocalTrainer | ms per trainer step |", "|---|---:|---:|---:|"]
+    lines = ["| partitions | per node | negatives | remote entity rows / step | local rows / step | relation rows / step | "
+             "calls to trainers / step | calls to node servers / step | MB / step (dim 200) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for c in d["counts"].values():
+        lines.append(f"| {c['num_parts']} | {c.get('parts_per_node', 1)} | {c['negatives']} | {c['remote_rows_per_step']:,.0f} | "
+                     f"{c['local_rows_per_step']:,.0f} | {c['relation_rows_per_step']:,.0f} | {c['calls_per_step']:.1f} | "
+                     f"{c.get('server_calls_per_step', float('nan')):.1f} | {c['bytes_per_step'] / 1e6:.2f} |")
+    lines += ["", "| setting (2 CPU cores) | positives/s (median) | vs LocalTrainer | ms per trainer step | calls / step |",
+              "|---|---:|---:|---:|---:|"]
     med = d["medians_pos_per_s"]
-    ref = {"local_1thread": med["local_1thread"], "local_2thread": med["local_2thread"]}
     for k, v in med.items():
-        per = 2 if k.startswith("ray_2") else 1
-        base = "local_1thread" if k in ("local_1thread", "ray_1trainer") else "local_2thread"
-        lines.append(f"| {k} | {v:,.0f} | {v / ref[base]:.2f}x ({base}) | {per * 1024 / v * 1e3:.1f} |")
-    lines += ["", "| graph | parts | negatives | entities | dim | GB per partition | pulled MB / step | exchange ms / step | "
-              "compute ms / step | exchange / compute |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        base = "local_2thread" if training_trainers(k) == 2 or k == "local_2thread" else "local_1thread"
+        calls = statistics.median(r["calls_per_step"] for r in d["runs"][k]) if k.startswith("ray") else 0
+        lines.append(f"| {k} | {v:,.0f} | {v / med[base]:.2f}x ({base}) | {training_trainers(k) * 1024 / v * 1e3:.1f} | {calls:.1f} |")
+    lines += ["", "| graph | parts | per node | negatives | entities | dim | GB per partition | pulled MB / step | "
+              "server calls / step | exchange ms / step | compute ms / step | exchange / compute |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in d["model"].items():
-        name, parts, neg = key.split("_")
-        lines.append(f"| {name} | {parts.removesuffix('part')} | {neg} | {r['entities']:,} | {r['dim']} | {r['memory_gb_per_part']:.2f} | "
-                     f"{r['pull_mb_per_step']:.2f} | {r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | "
-                     f"{r['exchange_vs_compute']:.0%} |")
+        lines.append(f"| {key.split('_')[0]} | {r['num_parts']} | {r['parts_per_node']} | {r['negatives']} | {r['entities']:,} | "
+                     f"{r['dim']} | {r['memory_gb_per_part']:.2f} | {r['pull_mb_per_step']:.2f} | {r['server_calls_per_step']:.1f} | "
+                     f"{r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | {r['exchange_vs_compute']:.0%} |")
     lines += ["", f"(from `{result['benchmark']}` at commit {result['commit']}, {result['date']}; load average "
               f"{result.get('loadavg_start')} -> {result.get('loadavg_end')}; "
               f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f})"]
@@ -194,11 +240,19 @@ def main() -> None:
     runs = timed(kg, args)
     med = {k: statistics.median(r["pos_per_s"] for r in v) for k, v in runs.items()}
     ms = {k: args.batch_size / v * 1e3 for k, v in med.items()}  # ms per step of ONE trainer
-    trainer_ms = {k: ms[k] * (2 if k.startswith("ray_2") else 1) for k in ms}  # 2 trainers share the rate
-    calls_2node = statistics.median(r["calls_per_step"] for r in runs["ray_2nodes"])
+    trainer_ms = {k: ms[k] * training_trainers(k) for k in ms}  # 2 trainers share the rate
+    calls = {k: statistics.median(r["calls_per_step"] for r in v) for k, v in runs.items() if k.startswith("ray")}
     metrics = {
         "overhead_ms_per_step_1node": trainer_ms["ray_1trainer"] - ms["local_1thread"],
         "overhead_ms_per_step_2node": trainer_ms["ray_2nodes"] - ms["local_1thread"],
+        "overhead_ms_per_step_2node_trainer": trainer_ms["ray_2nodes_trainer"] - ms["local_1thread"],
+        "overhead_ms_per_step_2node_idle_peer": trainer_ms["ray_2nodes_idle_peer"] - ms["local_1thread"],
+        "overhead_ms_per_step_2node_idle_peer_trainer": trainer_ms["ray_2nodes_idle_peer_trainer"] - ms["local_1thread"],
+        "calls_per_step_2node_measured": calls["ray_2nodes"],
+        "calls_per_step_2node_trainer_measured": calls["ray_2nodes_trainer"],
+        "calls_per_step_2node_idle_peer_measured": calls["ray_2nodes_idle_peer"],
+        "server_calls_per_step_16part_local": counts["16part_local"]["server_calls_per_step"],
+        "server_calls_per_step_16part_4pernode_local": counts["16part_4pernode_local"]["server_calls_per_step"],
         "overhead_ms_per_step_2trainers_shared": trainer_ms["ray_2trainers_shared"] - ms["local_1thread"],
         "overhead_ms_per_step_2trainers_calls": trainer_ms["ray_2trainers_calls"] - ms["local_1thread"],
         "remote_rows_per_step_2part": counts["2part_global"]["remote_rows_per_step"],
@@ -206,7 +260,6 @@ def main() -> None:
         "remote_rows_per_step_16part": counts["16part_global"]["remote_rows_per_step"],
         "remote_rows_per_step_4part_local_neg": counts["4part_local"]["remote_rows_per_step"],
         "calls_per_step_4part": counts["4part_global"]["calls_per_step"],
-        "calls_per_step_2node_measured": calls_2node,
         "ray_2trainers_vs_local": med["ray_2trainers_shared"] / med["local_2thread"],
         "ray_2trainers_calls_vs_local": med["ray_2trainers_calls"] / med["local_2thread"],
         "ray_2nodes_vs_local": med["ray_2nodes"] / med["local_2thread"],
@@ -215,7 +268,8 @@ def main() -> None:
         "local_ms_per_step_2thread": ms["local_2thread"],
     }
     scaled = model(metrics, counts, args)
-    for key in ("wikidata5m_16part_global", "freebase_16part_global", "freebase_16part_local"):
+    for key in ("wikidata5m_16part_global", "freebase_16part_global", "freebase_16part_local",
+                "freebase_16part_4pernode_global", "freebase_16part_4pernode_local"):
         metrics[f"{key}_exchange_vs_compute"] = scaled[key]["exchange_vs_compute"]
         metrics[f"{key}_memory_gb_per_part"] = scaled[key]["memory_gb_per_part"]
     for k, v in metrics.items():

@@ -5,6 +5,11 @@ Each partition's trainer (``bikd.ray.kge.KGETrainer``) draws its batch and negat
 partition) and the batch's relation rows (one call to the relation shard), and after the step pushes the
 gradients of the same rows back (one call each). This module replays that with the trainer's own batch
 iterator, sampler and planner, so the counts are those of the real step, not of a model of it.
+
+With ``parts_per_node`` > 1 the partitions sit ``parts_per_node`` to a node (partition p on node
+p // parts_per_node, the relation shard on node 0): rows of partitions on the trainer's own node are read in
+shared memory and count as local, and ``server_calls_per_step`` counts the node-server path
+(``DistConfig.cross_node_rows="server"``): one pull and one push per other node the step touches.
 """
 
 from __future__ import annotations
@@ -35,16 +40,21 @@ class StepTraffic:
     remote_parts_per_step: float
     calls_per_step: float
     bytes_per_step: float
+    parts_per_node: int = 1
+    remote_nodes_per_step: float = 0.0
+    server_calls_per_step: float = 0.0
 
 
 def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETrainConfig, *, entity_width: int,
-                       relation_width: int, negatives: str = "global", num_steps: int = 20) -> StepTraffic:
+                       relation_width: int, negatives: str = "global", num_steps: int = 20,
+                       parts_per_node: int = 1) -> StepTraffic:
     """Over the training triples ``partitioning`` was made from (it keeps them); ``entity_width`` /
     ``relation_width`` the floats per row (e.g. 2 x dim for ComplEx's entities); ``negatives`` as
     ``DistConfig.negatives`` ("local": drawn from the trainer's own entities, so they never travel)."""
     assert negatives in ("global", "local"), negatives
     owner = partitioning.entity_part
-    local = remote = rel = parts = calls = nbytes = 0.0
+    node_of = owner // parts_per_node
+    local = remote = rel = parts = calls = nbytes = nodes = server_calls = 0.0
     count = 0
     for p in range(partitioning.num_parts):
         mine = partitioning.triples[partitioning.triples_of(p)]
@@ -61,9 +71,13 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
             if negatives == "local":
                 neg = neg._replace(negatives=ids[neg.negatives])
             plan = plan_step(batch, neg)
-            where = owner[plan.entity_ids]
-            n_remote = int((where != p).sum())
-            n_parts = len(set(where.tolist()) - {p})
+            where, node = owner[plan.entity_ids], p // parts_per_node
+            elsewhere = node_of[plan.entity_ids] != node
+            n_remote = int(elsewhere.sum())
+            n_parts = len(set(where[elsewhere].tolist()))
+            other_nodes = set(node_of[plan.entity_ids][elsewhere].tolist()) | ({0} if node != 0 else set())
+            nodes += len(other_nodes)
+            server_calls += 2 * len(other_nodes)  # one pull and one push per other node (relations ride along)
             local += len(plan.entity_ids) - n_remote
             remote += n_remote
             rel += len(plan.relation_ids)
@@ -74,4 +88,6 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
     assert count, "no partition has triples"
     return StepTraffic(num_parts=partitioning.num_parts, local_rows_per_step=local / count,
                        remote_rows_per_step=remote / count, relation_rows_per_step=rel / count,
-                       remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count)
+                       remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count,
+                       parts_per_node=parts_per_node, remote_nodes_per_step=nodes / count,
+                       server_calls_per_step=server_calls / count)

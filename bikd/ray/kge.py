@@ -11,6 +11,9 @@
 - Same machine, no messages (``DistConfig.same_node_rows="shared"``, the default): every shard keeps its
   rows in shared memory (:mod:`bikd.kge.shared`) and the trainers of its node read and update them in place,
   as DGL-KE's trainers do with a machine's shared-memory embeddings; only rows on other nodes travel.
+- Other nodes (``DistConfig.cross_node_rows="server"``, the default): each node's
+  :class:`~bikd.ray.node_server.NodeServer` maps that node's shared shards and answers other nodes' trainers,
+  one pull and one push per other node a step touches (DGL-KE's per-machine KVStore server).
 - Each trainer is placed on a node of its own (node-affinity scheduling) among the nodes that have every
   resource of ``DistConfig.resources_per_trainer`` (e.g. ``{kge: 1}`` for nodes started with
   ``--resources='{"kge": 1}'``; none: every node with CPUs); the relation shard sits on the first.
@@ -44,7 +47,7 @@ from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_tripl
 from bikd.kge.shard import ShardState
 from bikd.kge.shared import SharedLayout, attach, can_share, share, shm_root, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, plan_step, step_gradients
-from bikd.ray.messages import AddTriples, Peers, PullRequest, PushGrads, Rows, array, tensor
+from bikd.ray.messages import AddTriples, NodePull, NodePush, Peers, PullRequest, PushGrads, Rows, array, tensor
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
 
@@ -72,6 +75,9 @@ class DistConfig:
     #: async mode: send a step's pulls (rows on other nodes) before the previous step computes, hiding their
     #: latency; those rows are then one step staler
     prefetch: bool = True
+    #: rows of shared shards on OTHER nodes: "server" (one call per other node a step touches, answered by that
+    #: node's NodeServer process) or "trainer" (one call per remote partition, answered by its trainer)
+    cross_node_rows: Literal["server", "trainer"] = "server"
 
     def __post_init__(self):
         if any(not v > 0 for v in self.resources_per_trainer.values()):
@@ -86,6 +92,8 @@ class DistConfig:
             raise ValueError(f"dist.negatives must be 'local' or 'global', got {self.negatives!r}")
         if self.same_node_rows not in ("shared", "calls"):
             raise ValueError(f"dist.same_node_rows must be 'shared' or 'calls', got {self.same_node_rows!r}")
+        if self.cross_node_rows not in ("server", "trainer"):
+            raise ValueError(f"dist.cross_node_rows must be 'server' or 'trainer', got {self.cross_node_rows!r}")
         if not self.cpus_per_trainer >= 0:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
@@ -187,6 +195,7 @@ class KGETrainer(_RowServer):
         #: shards of this node mapped from shared memory: partition -> ShardState, and the relation shard
         self.attached: dict[int, ShardState] = {}
         self.relation_rows: ShardState | None = None
+        self.servers, self.served, self.relation_node, self.pending_served = {}, {}, None, []
         self.num_calls = 0
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
@@ -230,7 +239,8 @@ class KGETrainer(_RowServer):
 
     def connect(self, msg: Peers) -> None:
         """Every partition's trainer (the owners of the other entity rows); those on this node whose rows
-        are in shared memory, and the relation shard if it is here, are mapped and used without messages."""
+        are in shared memory, and the relation shard if it is here, are mapped and used without messages.
+        Shared shards on other nodes are read through their node's server (``msg.servers``), one call per node."""
         self.peers = {p: peer for p, peer in enumerate(msg.trainers) if p != self.part}
         here, interaction = self.node_id(), self.shard.interaction
         self.attached = {p: attach(layout, (self.owner == p).nonzero().flatten(), self.cfg.optimizer, interaction, "entity")
@@ -240,6 +250,10 @@ class KGETrainer(_RowServer):
         self.relation_rows = None
         if node == here and layout is not None:
             self.relation_rows = attach(layout, torch.arange(self.num_relations), self.cfg.optimizer, interaction, "relation")
+        self.servers = dict(msg.servers or {})
+        #: partition -> the node whose server has its rows (shared shards on other nodes with a server)
+        self.served = {p: n for p, (n, lay) in enumerate(msg.layouts) if n != here and lay is not None and n in self.servers}
+        self.relation_node = node if node != here and layout is not None and node in self.servers else None
 
     def counters(self) -> tuple[int, int]:
         """(steps, actor calls made for them) so far: the exchange cost the bench reports."""
@@ -273,16 +287,31 @@ class KGETrainer(_RowServer):
         version = self.step_count
         # messages first (they travel while this process gathers the rows it can read itself)
         rel_ref = None
-        if self.relation_rows is None:
+        if self.relation_rows is None and self.relation_node is None:
             rel_ref = self.relation_shard.pull.remote(PullRequest(version=version, ids=array(plan.relation_ids)))
-        remote = [(pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos]))))
-                  for s, pos in groups if s != self.part and s not in self.attached]
-        self.num_calls += len(remote) + (rel_ref is not None)
-        return plan, neg, weights, kd, groups, rel_ref, remote
+        remote, by_node = [], {}
+        for s, pos in groups:
+            if s == self.part or s in self.attached:
+                continue
+            if s in self.served:
+                by_node.setdefault(self.served[s], []).append((s, pos))
+            else:
+                remote.append((pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos])))))
+        if self.relation_node is not None:
+            by_node.setdefault(self.relation_node, [])
+        served = []  # (node, [(partition, positions)], with relations, ref): one pull per other node
+        for node, items in by_node.items():
+            ids = torch.cat([plan.entity_ids[pos] for _, pos in items]) if items else torch.empty(0, dtype=torch.long)
+            with_rel = node == self.relation_node
+            msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(pos) for _, pos in items),
+                           ids=array(ids), relation_ids=array(plan.relation_ids) if with_rel else None)
+            served.append((node, items, with_rel, self.servers[node].pull.remote(msg)))
+        self.num_calls += len(remote) + len(served) + (rel_ref is not None)
+        return plan, neg, weights, kd, groups, rel_ref, remote, served
 
     def _finish(self, step: tuple) -> float:
         """Read this node's rows, wait for the pulled ones, and compute the loss and the gradients."""
-        plan, neg, weights, kd, groups, rel_ref, remote = step
+        plan, neg, weights, kd, groups, rel_ref, remote, served = step
         if len(groups) == 1 and groups[0][0] == self.part:  # all rows are this trainer's: no scatter
             with self.lock:
                 ent_rows = self.shard.pull(plan.entity_ids)
@@ -296,17 +325,35 @@ class KGETrainer(_RowServer):
                     ent_rows[pos] = self.attached[s].pull(plan.entity_ids[pos])
             for pos, ref in remote:
                 ent_rows[pos] = tensor(ray.get(ref).rows)
-        rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
+        rel_rows = None
+        for _, items, with_rel, ref in served:
+            got = ray.get(ref)
+            if items:
+                ent_rows[torch.cat([pos for _, pos in items])] = tensor(got.entity)
+            if with_rel:
+                rel_rows = tensor(got.relation)
+        if rel_rows is None:
+            rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
         loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, rel_rows,
                                                   self.cfg.loss, self.cfg.regularizer, weights, None, kd,
                                                   self.cfg.reverse_kd)
         self.step_count += 1
         # (target, ids, grads): target None = this trainer's rows, a ShardState = mapped, else an actor
-        self.pending = [(self.relation_rows or self.relation_shard, plan.relation_ids, rel_grad)]
+        self.pending = [] if self.relation_node else [(self.relation_rows or self.relation_shard, plan.relation_ids, rel_grad)]
         whole = len(groups) == 1
         for s, pos in groups:
-            ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
-            self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
+            if s not in self.served:
+                ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
+                self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
+        # one push per other node's server, with the same grouping as its pull
+        self.pending_served = []
+        for node, items, with_rel, _ in served:
+            pos = torch.cat([pos for _, pos in items]) if items else torch.empty(0, dtype=torch.long)
+            self.pending_served.append((self.servers[node], NodePush(
+                step=self.step_count, source=self.part, parts=tuple(s for s, _ in items),
+                sizes=tuple(len(p) for _, p in items), ids=array(plan.entity_ids[pos]), grads=array(ent_grad[pos]),
+                relation_ids=array(plan.relation_ids) if with_rel else None,
+                relation_grads=array(rel_grad) if with_rel else None)))
         return loss
 
     def apply(self) -> list:
@@ -322,8 +369,9 @@ class KGETrainer(_RowServer):
             else:
                 refs.append(target.push.remote(PushGrads(step=self.step_count, source=self.part, ids=array(ids),
                                                          grads=array(grads))))
+        refs += [server.push.remote(msg) for server, msg in self.pending_served]
         self.num_calls += len(refs)
-        self.pending = []
+        self.pending, self.pending_served = [], []
         return refs
 
     def apply_sync(self) -> None:
@@ -377,13 +425,17 @@ class KGETrainer(_RowServer):
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.target_epoch = int(state["target_epoch"])
-        self.pending = []
+        self.pending, self.pending_served = [], []
 
     def save(self, storage: Storage, rel: str) -> str:
         return _save(storage, rel, self.state_dict())
 
     def restore(self, storage: Storage, rel: str, sha256: str) -> None:
         self.load_state_dict(_load(storage, rel, sha256))
+
+
+class ActorRestarted(RuntimeError):
+    """An actor of the run was restarted by Ray (found by its incarnation, not by a failed call)."""
 
 
 def _save(storage: Storage, rel: str, state: dict) -> str:

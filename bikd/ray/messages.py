@@ -75,3 +75,44 @@ class Peers:
     trainers: list  # every partition's trainer actor, in partition order
     layouts: tuple  # per partition (node id, SharedLayout or None): where its rows are in shared memory
     relation_layout: tuple  # the relation shard's (node id, SharedLayout or None)
+    servers: dict | None = None  # node id -> that node's NodeServer (rows of shared shards on other nodes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeShards:
+    """What a node's server maps, sent at the start and after each recovery: that node's shards in shared memory."""
+
+    version: int  # the connection's generation
+    entity: tuple  # per partition on the node: (partition, (n,) int64 ids, SharedLayout)
+    relation: object | None  # the relation shard's SharedLayout when it is on the node
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePull:
+    """One trainer step's rows from one other node, in one call: several partitions' and maybe the relations'."""
+
+    version: int  # the requesting trainer's step
+    parts: tuple[int, ...]  # the entity partitions asked, in order
+    sizes: tuple[int, ...]  # ids asked of each
+    ids: np.ndarray  # (sum(sizes),) int64 global entity ids, partition after partition
+    relation_ids: np.ndarray | None  # (m,) int64, when the relation shard is on that node
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeRows:
+    entity: np.ndarray | None  # (sum(sizes), d_e) float32 in the request's order; None when no partition was asked
+    relation: np.ndarray | None  # (m, d_r) float32
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePush:
+    """The gradients of a :class:`NodePull`'s rows, after the step."""
+
+    step: int
+    source: int  # the sending trainer's partition
+    parts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    ids: np.ndarray  # (sum(sizes),) int64
+    grads: np.ndarray  # (sum(sizes), d_e) float32
+    relation_ids: np.ndarray | None
+    relation_grads: np.ndarray | None  # (m, d_r) float32

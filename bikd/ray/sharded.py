@@ -16,13 +16,10 @@ from bikd.kge.export import export_embeddings
 from bikd.kge.models import KGEModel, build_model
 from bikd.kge.partition import Partitioning, PartitionConfig, partition
 from bikd.kge.training import KGETrainConfig, check_added_triples
-from bikd.ray.kge import CHECKPOINT_MANIFEST, DistConfig, EmbeddingShard, KGETrainer, _load, _save
-from bikd.ray.messages import AddTriples, Peers, Snapshot, array, snapshot_prefix, tensor
+from bikd.ray.kge import CHECKPOINT_MANIFEST, ActorRestarted, DistConfig, EmbeddingShard, KGETrainer, _load, _save
+from bikd.ray.messages import AddTriples, NodeShards, Peers, Snapshot, array, snapshot_prefix, tensor
+from bikd.ray.node_server import NodeServer
 from bikd.storage import Storage
-
-
-class ActorRestarted(RuntimeError):
-    """An actor of the run was restarted by Ray (found by its incarnation, not by a failed call)."""
 
 
 
@@ -72,6 +69,7 @@ class ShardedKGE:
             for p, (part_triples, table) in enumerate(self._init_args)
         ]
         self.num_recoveries = 0
+        self.servers: dict = {}  # node id -> NodeServer, once the shards span several nodes
         self._connect()
         self.interaction = init.interaction
         self.snapshot_version = 0
@@ -115,16 +113,36 @@ class ShardedKGE:
         """Tell every trainer its peers and which shards it can map; then the shared files are unlinked (the
         memory stays while a process maps it), so a killed run leaves nothing behind in /dev/shm."""
         layouts = ray.get([a.share_rows.remote() for a in self._actors()])
+        self._connect_servers(layouts)
         msg = Peers(version=self.num_recoveries, trainers=list(self.trainers), layouts=tuple(layouts[1:]),
-                    relation_layout=layouts[0])
+                    relation_layout=layouts[0], servers=dict(self.servers))
         ray.get([t.connect.remote(msg) for t in self.trainers])
         ray.get([a.release_file.remote() for a in self._actors()])
-        self._incarnations = ray.get([a.incarnation.remote() for a in self._actors()])
+        self._incarnations = ray.get([a.incarnation.remote() for a in self._watched()])
+
+    def _connect_servers(self, layouts: list[tuple]) -> None:
+        """With shards on more than one node, a NodeServer per node maps that node's shared shards (started
+        once; after a recovery it maps the new files)."""
+        nodes = {node for node, _ in layouts}
+        if self.dist.cross_node_rows != "server" or len(nodes) < 2:
+            return
+        for node in sorted(nodes - set(self.servers)):
+            self.servers[node] = NodeServer.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(self.cfg, self.num_relations)
+        (rel_node, rel_layout), parts = layouts[0], layouts[1:]
+        ray.get([server.connect.remote(NodeShards(
+            version=self.num_recoveries,
+            entity=tuple((p, array(self.entity_ids[p]), lay) for p, (n, lay) in enumerate(parts) if n == node and lay is not None),
+            relation=rel_layout if rel_node == node else None)) for node, server in self.servers.items()])
+
+    def _watched(self) -> list:
+        """The actors whose restart loses rows or mappings: shards, trainers and node servers."""
+        return [*self._actors(), *self.servers.values()]
 
     def _check_restarts(self) -> None:
         """Raise if an actor died and was restarted since the connection: same-node peers write its rows in
         shared memory, so its death can go unnoticed by the epoch (the relation shard gets no call at all)."""
-        if ray.get([a.incarnation.remote() for a in self._actors()]) != self._incarnations:
+        if ray.get([a.incarnation.remote() for a in self._watched()]) != self._incarnations:
             raise ActorRestarted("a shard actor was restarted during the epoch")
 
     def entity_shard(self, part: int):
@@ -174,7 +192,7 @@ class ShardedKGE:
     def _wait_alive(self, timeout_s: float = 120.0) -> None:
         """Block until every (restarted) actor answers again."""
         deadline = time.monotonic() + timeout_s
-        for actor in self._actors():
+        for actor in self._watched():
             while True:
                 try:
                     ray.get(actor.node_id.remote(), timeout=10)
@@ -281,7 +299,7 @@ class ShardedKGE:
         return ray.get([t.node_id.remote() for t in self.trainers])
 
     def shutdown(self) -> None:
-        for actor in self._actors():
+        for actor in self._watched():
             ray.kill(actor)
 
 

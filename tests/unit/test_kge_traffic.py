@@ -16,10 +16,11 @@ def kg():
     return load_dataset("umls")
 
 
-def traffic(kg, num_parts: int, negatives: str = "global"):
+def traffic(kg, num_parts: int, negatives: str = "global", parts_per_node: int = 1):
     parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, method="metis"))
     cfg = KGETrainConfig(batch_size=64, sampler=NegativeSamplerConfig(num_negatives=32, chunk_size=16))
-    return count_step_traffic(parts, kg.num_entities, cfg, entity_width=8, relation_width=8, negatives=negatives, num_steps=5)
+    return count_step_traffic(parts, kg.num_entities, cfg, entity_width=8, relation_width=8, negatives=negatives, num_steps=5,
+                              parts_per_node=parts_per_node)
 
 
 def test_one_partition_exchanges_only_relations(kg):
@@ -36,3 +37,14 @@ def test_more_partitions_pull_more_rows_and_local_negatives_pull_fewer(kg):
     local = traffic(kg, 4, negatives="local")
     assert local.remote_rows_per_step < four.remote_rows_per_step
     assert local.remote_rows_per_step <= 64  # only the tails of cut edges travel: at most one per positive
+
+
+def test_node_servers_make_one_pull_and_one_push_per_other_node(kg):
+    """4 partitions, 2 to a node: rows of the node's other partition are local (shared memory), and a step
+    calls each other node's server twice whatever the partitions there (relations ride along)."""
+    apart, paired = traffic(kg, 4), traffic(kg, 4, parts_per_node=2)
+    assert paired.remote_rows_per_step < apart.remote_rows_per_step
+    assert paired.local_rows_per_step + paired.remote_rows_per_step == apart.local_rows_per_step + apart.remote_rows_per_step
+    assert paired.remote_nodes_per_step <= 1 and paired.server_calls_per_step == 2 * paired.remote_nodes_per_step
+    # one node per partition: the relations ride along with node 0's rows instead of 2 calls of their own
+    assert 2 <= apart.server_calls_per_step <= 6 and apart.server_calls_per_step < apart.calls_per_step

@@ -1,0 +1,73 @@
+"""One server per KGE node for the rows other nodes ask for (DGL-KE's per-machine KVStore server).
+
+Every shard keeps its rows in shared memory (:mod:`bikd.kge.shared`); a node's ``NodeServer`` maps all of its
+node's shards and answers the other nodes' trainers: a trainer step makes ONE pull (and after the step one
+push) per other node it touches, whatever the number of partitions there, instead of one per remote partition
+plus the relation shard's. The server is a process of its own, so serving never waits on a training thread's
+GIL (a trainer that served its own rows did). It holds no state: the rows are the owners' shared memory, so
+checkpoints, restores and recoveries go through the owners; after a recovery the driver sends the new
+layouts again. Updates are unlocked against the node's trainers, as between the trainers of one node (and
+ordered in sync mode, where the driver applies one trainer's updates at a time).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ray
+import torch
+
+from bikd.kge.models import build_interaction
+from bikd.kge.shard import ShardState
+from bikd.kge.shared import attach
+from bikd.kge.training import KGETrainConfig
+from bikd.ray.kge import ActorRestarted
+from bikd.ray.messages import NodePull, NodePush, NodeRows, NodeShards, array, tensor
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
+class NodeServer:
+    """Thin actor: each method unpacks a message and reads or updates mapped :class:`ShardState` rows."""
+
+    def __init__(self, cfg: KGETrainConfig, num_relations: int):
+        self.cfg, self.num_relations = cfg, num_relations
+        self.interaction = build_interaction(cfg.model)
+        self.born = uuid.uuid4().hex
+        self.entity: dict[int, ShardState] = {}
+        self.relation: ShardState | None = None
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def incarnation(self) -> str:
+        """Set when the process starts: a changed value means Ray restarted the actor (its mappings are gone)."""
+        return self.born
+
+    def connect(self, msg: NodeShards) -> None:
+        optim = self.cfg.optimizer
+        self.entity = {p: attach(layout, tensor(ids), optim, self.interaction, "entity") for p, ids, layout in msg.entity}
+        self.relation = None
+        if msg.relation is not None:
+            self.relation = attach(msg.relation, torch.arange(self.num_relations), optim, self.interaction, "relation")
+
+    def _check(self, msg: NodePull | NodePush) -> None:
+        if any(p not in self.entity for p in msg.parts) or (msg.relation_ids is not None and self.relation is None):
+            # restarted by Ray since the driver connected it: the recovery reconnects and reruns the epoch
+            raise ActorRestarted(f"node server asked for partitions {msg.parts} but maps {sorted(self.entity)}")
+
+    def pull(self, msg: NodePull) -> NodeRows:
+        self._check(msg)
+        ids = tensor(msg.ids).split(list(msg.sizes))
+        chunks = [self.entity[p].pull(i) for p, i in zip(msg.parts, ids)]
+        relation = None if msg.relation_ids is None else array(self.relation.pull(tensor(msg.relation_ids)))
+        return NodeRows(entity=array(torch.cat(chunks)) if chunks else None, relation=relation)
+
+    def push(self, msg: NodePush) -> int:
+        self._check(msg)
+        if msg.parts:
+            sizes = list(msg.sizes)
+            for p, ids, grads in zip(msg.parts, tensor(msg.ids).split(sizes), tensor(msg.grads).split(sizes)):
+                self.entity[p].push(ids, grads)
+        if msg.relation_ids is not None:
+            self.relation.push(tensor(msg.relation_ids), tensor(msg.relation_grads))
+        return msg.step
