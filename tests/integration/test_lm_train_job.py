@@ -41,24 +41,6 @@ def check_history(result: subprocess.CompletedProcess, steps: int, eval_every: i
     return lines
 
 
-@pytest.mark.slow
-def test_triple_classification_zero3(tmp_path):
-    result = run_job(*TINY, "deepspeed.zero_stage=3", "task.max_train=24", "task.max_eval=8",
-                     f"storage_path={tmp_path}", "name=umls")
-    check_history(result, steps=4, eval_every=2)
-    assert "eval (triple classification, umls valid triples + as many corruptions, 16 rows): accuracy " in result.stdout
-    assert f"export: {tmp_path}/umls/export" in result.stdout
-    metrics = json.loads((tmp_path / "umls" / "metrics.json").read_text())
-    assert [row["step"] for row in metrics["history"]] == [1, 2, 3, 4] and metrics["resumed_from_step"] is None
-    assert all(row["task_loss"] > 0 and row["kd_entity_loss"] > 0 for row in metrics["history"])
-    assert metrics["config"]["deepspeed"]["zero_stage"] == 3 and metrics["final"]["step"] == 4
-    model, tok = load_fused(str(tmp_path / "umls" / "export")), load_fused_tokenizer(str(tmp_path / "umls" / "export"))
-    enc = tok(["virus [SEP] causes [SEP] disease or syndrome"], return_tensors="pt")
-    with torch.no_grad():
-        assert model(dict(enc))["logits"].shape == (1, 2)
-    assert (tmp_path / "umls" / "checkpoint_000000004" / "bikd_checkpoint.json").exists()
-
-
 def squad_file(path: Path) -> Path:
     """Nine one-paragraph articles; only the "virus" one names UMLS entities (linked by label), so some
     batches carry mentions on one rank and none on the other (the case FusedLM's anchor exists for)."""
@@ -113,19 +95,31 @@ def test_shipped_config_validates(monkeypatch):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_history_and_a_finished_run_changes_nothing(tmp_path):
-    tiny = [o for o in TINY if not o.startswith("train.steps")] + ["task.max_train=24", "task.max_eval=8",
-                                                                   f"storage_path={tmp_path}", "name=r"]
-    assert run_job(*tiny, "train.steps=2").returncode == 0
-    longer = run_job(*tiny, "train.steps=4")
-    assert longer.returncode == 0, longer.stderr[-4000:]
-    assert "resumed from the checkpoint of step 2" in longer.stdout
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+def test_triple_classification_zero3_resumes_with_its_history_and_a_finished_run_changes_nothing(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("train.steps")] + ["deepspeed.zero_stage=3", "task.max_train=24",
+                                                                   "task.max_eval=8", f"storage_path={tmp_path}", "name=umls"]
+    check_history(run_job(*tiny, "train.steps=2"), steps=2, eval_every=2)
+    result = run_job(*tiny, "train.steps=4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from the checkpoint of step 2" in result.stdout
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("step ")] == ["3", "4"]
+    assert "eval (triple classification, umls valid triples + as many corruptions, 16 rows): accuracy " in result.stdout
+    assert f"export: {tmp_path}/umls/export" in result.stdout
+    metrics = json.loads((tmp_path / "umls" / "metrics.json").read_text())
     assert [row["step"] for row in metrics["history"]] == [1, 2, 3, 4]  # not only the steps after the resume
-    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert metrics["resumed_from_step"] == 2
+    assert all(row["task_loss"] > 0 and row["kd_entity_loss"] > 0 for row in metrics["history"])
+    assert metrics["config"]["deepspeed"]["zero_stage"] == 3 and metrics["final"]["step"] == 4
+    model, tok = load_fused(str(tmp_path / "umls" / "export")), load_fused_tokenizer(str(tmp_path / "umls" / "export"))
+    enc = tok(["virus [SEP] causes [SEP] disease or syndrome"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(dict(enc))["logits"].shape == (1, 2)
+    assert (tmp_path / "umls" / "checkpoint_000000004" / "bikd_checkpoint.json").exists()
+
+    before = {p: p.read_bytes() for p in (tmp_path / "umls").rglob("*") if p.is_file()}
     again = run_job(*tiny, "train.steps=4")
     assert again.returncode == 0 and "this run finished at step 4" in again.stdout, again.stdout[-2000:]
     assert "RayTrainWorker" not in again.stdout + again.stderr
-    assert {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "umls").rglob("*") if p.is_file()} == before
     other = run_job(*tiny, "train.steps=4", "task.name=qa")
     assert other.returncode == 1 and "belongs to another run" in other.stderr and "Traceback" not in other.stderr
