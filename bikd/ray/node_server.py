@@ -51,6 +51,10 @@ class NodeServer:
             self.relation = attach(msg.relation, torch.arange(self.num_relations), optim, self.interaction, "relation")
 
     def _check(self, msg: NodePull | NodePush) -> None:
+        if torch.get_num_threads() != 1:
+            # a num_cpus=0 actor gets no OMP_NUM_THREADS from Ray: torch would start a thread per core and its
+            # spinning workers would take the cores from the node's trainers (per calling thread: pool threads)
+            torch.set_num_threads(1)
         if any(p not in self.entity for p in msg.parts) or (msg.relation_ids is not None and self.relation is None):
             # restarted by Ray since the driver connected it: the recovery reconnects and reruns the epoch
             raise ActorRestarted(f"node server asked for partitions {msg.parts} but maps {sorted(self.entity)}")
