@@ -299,13 +299,13 @@ class KGETrainer(_RowServer):
                 remote.append((pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos])))))
         if self.relation_node is not None:
             by_node.setdefault(self.relation_node, [])
-        served = []  # (node, [(partition, positions)], with relations, ref): one pull per other node
+        served = []  # (node, its pull, positions of its rows in the step, ref): one pull per other node
         for node, items in by_node.items():
-            ids = torch.cat([plan.entity_ids[pos] for _, pos in items]) if items else torch.empty(0, dtype=torch.long)
-            with_rel = node == self.relation_node
-            msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(pos) for _, pos in items),
-                           ids=array(ids), relation_ids=array(plan.relation_ids) if with_rel else None)
-            served.append((node, items, with_rel, self.servers[node].pull.remote(msg)))
+            pos = torch.cat([p for _, p in items]) if items else torch.empty(0, dtype=torch.long)
+            msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(p) for _, p in items),
+                           ids=array(plan.entity_ids[pos]),
+                           relation_ids=array(plan.relation_ids) if node == self.relation_node else None)
+            served.append((node, msg, pos, self.servers[node].pull.remote(msg)))
         self.num_calls += len(remote) + len(served) + (rel_ref is not None)
         return plan, neg, weights, kd, groups, rel_ref, remote, served
 
@@ -326,11 +326,11 @@ class KGETrainer(_RowServer):
             for pos, ref in remote:
                 ent_rows[pos] = tensor(ray.get(ref).rows)
         rel_rows = None
-        for _, items, with_rel, ref in served:
+        for _, msg, pos, ref in served:
             got = ray.get(ref)
-            if items:
-                ent_rows[torch.cat([pos for _, pos in items])] = tensor(got.entity)
-            if with_rel:
+            if msg.parts:
+                ent_rows[pos] = tensor(got.entity)
+            if msg.relation_ids is not None:
                 rel_rows = tensor(got.relation)
         if rel_rows is None:
             rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
@@ -345,15 +345,11 @@ class KGETrainer(_RowServer):
             if s not in self.served:
                 ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
                 self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
-        # one push per other node's server, with the same grouping as its pull
-        self.pending_served = []
-        for node, items, with_rel, _ in served:
-            pos = torch.cat([pos for _, pos in items]) if items else torch.empty(0, dtype=torch.long)
-            self.pending_served.append((self.servers[node], NodePush(
-                step=self.step_count, source=self.part, parts=tuple(s for s, _ in items),
-                sizes=tuple(len(p) for _, p in items), ids=array(plan.entity_ids[pos]), grads=array(ent_grad[pos]),
-                relation_ids=array(plan.relation_ids) if with_rel else None,
-                relation_grads=array(rel_grad) if with_rel else None)))
+        # one push per other node's server, for the rows of its pull
+        self.pending_served = [(self.servers[node], NodePush(
+            step=self.step_count, source=self.part, parts=msg.parts, sizes=msg.sizes, ids=msg.ids,
+            grads=array(ent_grad[pos]), relation_ids=msg.relation_ids,
+            relation_grads=None if msg.relation_ids is None else array(rel_grad))) for node, msg, pos, _ in served]
         return loss
 
     def apply(self) -> list:
