@@ -47,7 +47,8 @@ from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_tripl
 from bikd.kge.shard import ShardState
 from bikd.kge.shared import SharedLayout, attach, can_share, share, shm_root, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, plan_step, step_gradients
-from bikd.ray.messages import AddTriples, NodePull, NodePush, Peers, PullRequest, PushGrads, Rows, array, tensor
+from bikd.ray.messages import (AddTriples, NodePull, NodePush, Peers, PullRequest, PushGrads, Rows, array, num_pieces,
+                               pieces, tensor, unpiece)
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
 
@@ -254,6 +255,8 @@ class KGETrainer(_RowServer):
         #: partition -> the node whose server has its rows (shared shards on other nodes with a server)
         self.served = {p: n for p, (n, lay) in enumerate(msg.layouts) if n != here and lay is not None and n in self.servers}
         self.relation_node = node if node != here and layout is not None and node in self.servers else None
+        #: floats per relation row, for the pieces of a node server's answer
+        self.relation_width = None if layout is None else dict((n, shape) for n, shape, *_ in layout.tensors)["table"][1]
 
     def counters(self) -> tuple[int, int]:
         """(steps, actor calls made for them) so far: the exchange cost the bench reports."""
@@ -299,13 +302,16 @@ class KGETrainer(_RowServer):
                 remote.append((pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos])))))
         if self.relation_node is not None:
             by_node.setdefault(self.relation_node, [])
-        served = []  # (node, its pull, positions of its rows in the step, ref): one pull per other node
+        served = []  # (node, its pull, positions of its rows in the step, refs): one pull per other node
         for node, items in by_node.items():
             pos = torch.cat([p for _, p in items]) if items else torch.empty(0, dtype=torch.long)
+            relation = node == self.relation_node
+            floats = len(pos) * self.shard.table.shape[1] + (len(plan.relation_ids) * self.relation_width if relation else 0)
             msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(p) for _, p in items),
-                           ids=array(plan.entity_ids[pos]),
-                           relation_ids=array(plan.relation_ids) if node == self.relation_node else None)
-            served.append((node, msg, pos, self.servers[node].pull.remote(msg)))
+                           ids=array(plan.entity_ids[pos]), relation_ids=array(plan.relation_ids) if relation else None,
+                           num_pieces=num_pieces(floats))
+            refs = self.servers[node].pull.options(num_returns=msg.num_pieces).remote(msg)
+            served.append((node, msg, pos, refs if msg.num_pieces > 1 else [refs]))
         self.num_calls += len(remote) + len(served) + (rel_ref is not None)
         return plan, neg, weights, kd, groups, rel_ref, remote, served
 
@@ -326,12 +332,15 @@ class KGETrainer(_RowServer):
             for pos, ref in remote:
                 ent_rows[pos] = tensor(ray.get(ref).rows)
         rel_rows = None
-        for _, msg, pos, ref in served:
-            got = ray.get(ref)
-            if msg.parts:
-                ent_rows[pos] = tensor(got.entity)
+        for _, msg, pos, refs in served:
+            shapes = [(len(pos), ent_rows.shape[1])]
             if msg.relation_ids is not None:
-                rel_rows = tensor(got.relation)
+                shapes.append((len(msg.relation_ids), self.relation_width))
+            got, *relation = unpiece(ray.get(refs), *shapes)
+            if msg.parts:
+                ent_rows[pos] = got
+            if relation:
+                rel_rows = relation[0]
         if rel_rows is None:
             rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
         loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, rel_rows,
@@ -345,11 +354,11 @@ class KGETrainer(_RowServer):
             if s not in self.served:
                 ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
                 self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
-        # one push per other node's server, for the rows of its pull
+        # one push per other node's server, for the rows of its pull; the gradients in pieces that go inline
         self.pending_served = [(self.servers[node], NodePush(
             step=self.step_count, source=self.part, parts=msg.parts, sizes=msg.sizes, ids=msg.ids,
-            grads=array(ent_grad[pos]), relation_ids=msg.relation_ids,
-            relation_grads=None if msg.relation_ids is None else array(rel_grad))) for node, msg, pos, _ in served]
+            relation_ids=msg.relation_ids), pieces(array(ent_grad[pos]), None if msg.relation_ids is None else array(rel_grad)))
+            for node, msg, pos, _ in served]
         return loss
 
     def apply(self) -> list:
@@ -365,7 +374,7 @@ class KGETrainer(_RowServer):
             else:
                 refs.append(target.push.remote(PushGrads(step=self.step_count, source=self.part, ids=array(ids),
                                                          grads=array(grads))))
-        refs += [server.push.remote(msg) for server, msg in self.pending_served]
+        refs += [server.push.remote(msg, *grads) for server, msg, grads in self.pending_served]
         self.num_calls += len(refs)
         self.pending, self.pending_served = [], []
         return refs

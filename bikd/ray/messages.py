@@ -87,32 +87,54 @@ class NodeShards:
     relation: object | None  # the relation shard's SharedLayout when it is on the node
 
 
+#: bytes per piece of a node-server message's floats: Ray sends an argument or return value up to
+#: ``max_direct_call_object_size`` (100 KiB by default) inside the call's RPC, larger ones through the object
+#: store, which between nodes cost ~7 ms per call here against ~2 ms for the same rows in pieces
+#: (bench/kge_scaling.py times both)
+PIECE_BYTES = 90_000
+_PIECE_FLOATS = PIECE_BYTES // 4
+
+
+def num_pieces(num_floats: int) -> int:
+    """How many pieces :func:`pieces` cuts ``num_floats`` float32 values into (at least one)."""
+    return max(1, -(-num_floats // _PIECE_FLOATS))
+
+
+def pieces(*arrays: np.ndarray | None) -> list[np.ndarray]:
+    """The arrays' float32 values, flattened and concatenated, cut into pieces Ray sends inline."""
+    flat = np.concatenate([a.reshape(-1) for a in arrays if a is not None] or [np.empty(0, np.float32)])
+    return [flat[i:i + _PIECE_FLOATS] for i in range(0, max(len(flat), 1), _PIECE_FLOATS)]
+
+
+def unpiece(chunks, *shapes: tuple[int, int]) -> list[torch.Tensor]:
+    """The tensors of the given (rows, width) shapes back from :func:`pieces`' output."""
+    flat = tensor(np.concatenate(chunks)) if len(chunks) > 1 else tensor(chunks[0])
+    sizes = [r * w for r, w in shapes]
+    assert sum(sizes) == len(flat), (sizes, len(flat))
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodePull:
-    """One trainer step's rows from one other node, in one call: several partitions' and maybe the relations'."""
+    """One trainer step's rows from one other node, in one call: several partitions' and maybe the relations'.
+    The server answers with the rows (entity rows, then relation rows, as float32) in ``num_pieces`` pieces."""
 
     version: int  # the requesting trainer's step
     parts: tuple[int, ...]  # the entity partitions asked, in order
     sizes: tuple[int, ...]  # ids asked of each
     ids: np.ndarray  # (sum(sizes),) int64 global entity ids, partition after partition
     relation_ids: np.ndarray | None  # (m,) int64, when the relation shard is on that node
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeRows:
-    entity: np.ndarray | None  # (sum(sizes), d_e) float32 in the request's order; None when no partition was asked
-    relation: np.ndarray | None  # (m, d_r) float32
+    num_pieces: int  # pieces of the answer (the caller knows the rows' widths)
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodePush:
-    """The gradients of a :class:`NodePull`'s rows, after the step."""
+    """The gradients of a :class:`NodePull`'s rows, after the step; the gradients themselves (entity rows', then
+    relation rows', as :func:`pieces`) travel as the call's further arguments, so that each goes inline."""
 
     step: int
     source: int  # the sending trainer's partition
     parts: tuple[int, ...]
     sizes: tuple[int, ...]
     ids: np.ndarray  # (sum(sizes),) int64
-    grads: np.ndarray  # (sum(sizes), d_e) float32
     relation_ids: np.ndarray | None
-    relation_grads: np.ndarray | None  # (m, d_r) float32

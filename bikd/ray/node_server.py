@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import ray
 import torch
 
@@ -22,7 +23,7 @@ from bikd.kge.shard import ShardState
 from bikd.kge.shared import attach
 from bikd.kge.training import KGETrainConfig
 from bikd.ray.kge import ActorRestarted
-from bikd.ray.messages import NodePull, NodePush, NodeRows, NodeShards, array, tensor
+from bikd.ray.messages import NodePull, NodePush, NodeShards, array, pieces, tensor, unpiece
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
@@ -59,19 +60,33 @@ class NodeServer:
             # restarted by Ray since the driver connected it: the recovery reconnects and reruns the epoch
             raise ActorRestarted(f"node server asked for partitions {msg.parts} but maps {sorted(self.entity)}")
 
-    def pull(self, msg: NodePull) -> NodeRows:
+    def pull(self, msg: NodePull) -> tuple | np.ndarray:
+        """The rows asked (entity rows, then relation rows) in ``msg.num_pieces`` pieces: the caller asks for
+        that many return values, so each goes inline in the reply."""
         self._check(msg)
         ids = tensor(msg.ids).split(list(msg.sizes))
         chunks = [self.entity[p].pull(i) for p, i in zip(msg.parts, ids)]
         relation = None if msg.relation_ids is None else array(self.relation.pull(tensor(msg.relation_ids)))
-        return NodeRows(entity=array(torch.cat(chunks)) if chunks else None, relation=relation)
+        out = pieces(array(torch.cat(chunks)) if chunks else None, relation)
+        if len(out) != msg.num_pieces:
+            raise ValueError(f"node server: {len(out)} pieces of rows for a pull that expects {msg.num_pieces} "
+                             "(the trainer and the server disagree on the rows' widths)")
+        return out[0] if len(out) == 1 else tuple(out)
 
-    def push(self, msg: NodePush) -> int:
+    def push(self, msg: NodePush, *grads: np.ndarray) -> int:
+        """Apply the gradients of ``msg``'s rows, sent as :func:`~bikd.ray.messages.pieces` after it."""
         self._check(msg)
-        if msg.parts:
-            sizes = list(msg.sizes)
-            for p, ids, grads in zip(msg.parts, tensor(msg.ids).split(sizes), tensor(msg.grads).split(sizes)):
-                self.entity[p].push(ids, grads)
+        num_ids = len(msg.ids)
+        shapes = [(num_ids, self._width(self.entity[msg.parts[0]]) if msg.parts else 0)]
         if msg.relation_ids is not None:
-            self.relation.push(tensor(msg.relation_ids), tensor(msg.relation_grads))
+            shapes.append((len(msg.relation_ids), self._width(self.relation)))
+        entity, *relation = unpiece(grads, *shapes)
+        for p, ids, g in zip(msg.parts, tensor(msg.ids).split(list(msg.sizes)), entity.split(list(msg.sizes))):
+            self.entity[p].push(ids, g)
+        if relation:
+            self.relation.push(tensor(msg.relation_ids), relation[0])
         return msg.step
+
+    @staticmethod
+    def _width(shard: ShardState) -> int:
+        return shard.table.shape[1]
