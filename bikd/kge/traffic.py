@@ -9,7 +9,10 @@ iterator, sampler and planner, so the counts are those of the real step, not of 
 With ``parts_per_node`` > 1 the partitions sit ``parts_per_node`` to a node (partition p on node
 p // parts_per_node, the relation shard on node 0): rows of partitions on the trainer's own node are read in
 shared memory and count as local, and ``server_calls_per_step`` counts the node-server path
-(``DistConfig.cross_node_rows="server"``): one pull and one push per other node the step touches.
+(``DistConfig.cross_node_rows="server"``) as async mode with prefetch (the defaults) calls it: one pull per
+other node the step touches, carrying the push of the step two before to that node (its pull is sent while
+that step computes), and a push of its own to each node that step touched and this one does not (the pushes
+of an epoch's last two steps, sent alone at its end, are not counted).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class StepTraffic:
     parts_per_node: int = 1
     remote_nodes_per_step: float = 0.0
     server_calls_per_step: float = 0.0
+    #: the node-server calls, were every push sent alone (as in sync mode): one pull and one push per other node
+    server_calls_per_step_unpaired: float = 0.0
 
 
 def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETrainConfig, *, entity_width: int,
@@ -54,7 +59,7 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
     assert negatives in ("global", "local"), negatives
     owner = partitioning.entity_part
     node_of = owner // parts_per_node
-    local = remote = rel = parts = calls = nbytes = nodes = server_calls = 0.0
+    local = remote = rel = parts = calls = nbytes = nodes = server_calls = unpaired = 0.0
     count = 0
     for p in range(partitioning.num_parts):
         mine = partitioning.triples[partitioning.triples_of(p)]
@@ -65,6 +70,7 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
         seed = cfg.seed + 7919 * p  # as KGETrainer seeds partition p's negatives and batch order
         generator = torch.Generator().manual_seed(seed)
         batches = BatchIterator(len(mine), cfg.batch_size, seed)
+        touched: list[set] = []  # the other nodes of this trainer's steps so far
         for _ in range(num_steps):
             batch = mine[batches.next_batch()]
             neg = sampler.sample_batch(len(batch), generator)
@@ -77,7 +83,10 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
             n_parts = len(set(where[elsewhere].tolist()))
             other_nodes = set(node_of[plan.entity_ids][elsewhere].tolist()) | ({0} if node != 0 else set())
             nodes += len(other_nodes)
-            server_calls += 2 * len(other_nodes)  # one pull and one push per other node (relations ride along)
+            unpaired += 2 * len(other_nodes)  # one pull and one push per other node (relations ride along)
+            waiting = touched[-2] if len(touched) >= 2 else set()  # pushes of the step before the last
+            server_calls += len(other_nodes) + len(waiting - other_nodes)
+            touched.append(other_nodes)
             local += len(plan.entity_ids) - n_remote
             remote += n_remote
             rel += len(plan.relation_ids)
@@ -90,4 +99,4 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
                        remote_rows_per_step=remote / count, relation_rows_per_step=rel / count,
                        remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count,
                        parts_per_node=parts_per_node, remote_nodes_per_step=nodes / count,
-                       server_calls_per_step=server_calls / count)
+                       server_calls_per_step=server_calls / count, server_calls_per_step_unpaired=unpaired / count)

@@ -197,6 +197,9 @@ class KGETrainer(_RowServer):
         self.attached: dict[int, ShardState] = {}
         self.relation_rows: ShardState | None = None
         self.servers, self.served, self.relation_node, self.pending_served = {}, {}, None, []
+        #: async mode: node -> (NodePush, gradient pieces) of the last step, to ride on the next pull to that
+        #: node (one call instead of two); ``sent``: refs of such pushes sent since run_epoch last took them
+        self.deferred, self.sent = {}, []
         self.num_calls = 0
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
@@ -276,6 +279,7 @@ class KGETrainer(_RowServer):
         """Draw the next step's batch and negatives, plan its rows and send the pulls of rows that live on other
         nodes (they travel meanwhile); None once the epoch is done."""
         if self.batches.epoch != self.target_epoch:
+            self._flush()
             return None
         if torch.get_num_threads() != self.num_threads:
             # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
@@ -310,9 +314,17 @@ class KGETrainer(_RowServer):
             msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(p) for _, p in items),
                            ids=array(plan.entity_ids[pos]), relation_ids=array(plan.relation_ids) if relation else None,
                            num_pieces=num_pieces(floats))
-            refs = self.servers[node].pull.options(num_returns=msg.num_pieces).remote(msg)
-            served.append((node, msg, pos, refs if msg.num_pieces > 1 else [refs]))
+            waiting = self.deferred.pop(node, None)
+            if waiting is None:
+                refs = self.servers[node].pull.options(num_returns=msg.num_pieces).remote(msg)
+                refs = refs if msg.num_pieces > 1 else [refs]
+            else:  # the last step's push to this node rides on this pull: one call, not two
+                ack, *refs = self.servers[node].exchange.options(num_returns=1 + msg.num_pieces).remote(
+                    waiting[0], msg, *waiting[1])
+                self.sent.append(ack)
+            served.append((node, msg, pos, refs))
         self.num_calls += len(remote) + len(served) + (rel_ref is not None)
+        self._flush()  # pushes to nodes this step does not touch go alone
         return plan, neg, weights, kd, groups, rel_ref, remote, served
 
     def _finish(self, step: tuple) -> float:
@@ -355,15 +367,16 @@ class KGETrainer(_RowServer):
                 ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
                 self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
         # one push per other node's server, for the rows of its pull; the gradients in pieces that go inline
-        self.pending_served = [(self.servers[node], NodePush(
+        self.pending_served = [(node, NodePush(
             step=self.step_count, source=self.part, parts=msg.parts, sizes=msg.sizes, ids=msg.ids,
             relation_ids=msg.relation_ids), pieces(array(ent_grad[pos]), None if msg.relation_ids is None else array(rel_grad)))
             for node, msg, pos, _ in served]
         return loss
 
-    def apply(self) -> list:
+    def apply(self, defer: bool = False) -> list:
         """Apply the last step's gradients: this trainer's rows and mapped shards' rows here, other nodes'
-        rows pushed; returns the pushes' refs."""
+        rows pushed; returns the pushes' refs. ``defer``: pushes to node servers wait for the next step's pull
+        to that node and go with it (``_prepare``), or alone if it does not touch the node."""
         refs = []
         for target, ids, grads in self.pending:
             if target is None:
@@ -374,10 +387,24 @@ class KGETrainer(_RowServer):
             else:
                 refs.append(target.push.remote(PushGrads(step=self.step_count, source=self.part, ids=array(ids),
                                                          grads=array(grads))))
-        refs += [server.push.remote(msg, *grads) for server, msg, grads in self.pending_served]
+        if defer:
+            assert not self.deferred, "the previous step's deferred pushes were not sent"
+            self.deferred = {node: (msg, grads) for node, msg, grads in self.pending_served}
+        else:
+            refs += [self.servers[node].push.remote(msg, *grads) for node, msg, grads in self.pending_served]
         self.num_calls += len(refs)
-        self.pending, self.pending_served = [], []
+        self.pending, self.pending_served, self.deferred = [], [], {}
         return refs
+
+    def _flush(self) -> None:
+        """Send the deferred pushes still waiting, each alone."""
+        self.sent += [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in self.deferred.items()]
+        self.num_calls += len(self.deferred)
+        self.deferred = {}
+
+    def _take_sent(self) -> list:
+        sent, self.sent = self.sent, []
+        return sent
 
     def apply_sync(self) -> None:
         refs = self.apply()
@@ -397,12 +424,17 @@ class KGETrainer(_RowServer):
                 # behind it (those rows miss this step's update: one step staler, as async mode allows)
                 ahead = self._prepare() if self.prefetch else None
                 losses.append(self._finish(step))
-                in_flight.append(self.apply())
+                # this step's pushes to node servers wait for the next pull to their node (one call for both)
+                in_flight.append(self.apply(defer=True) + self._take_sent())
                 while len(in_flight) > self.staleness:
                     ray.get(in_flight.pop(0))
                 step = ahead if self.prefetch else self._prepare()
+            self._flush()
         finally:
-            # even when a peer died: no push of this epoch may land after the driver restores the shards
+            # even when a peer died: no push of this epoch may land after the driver restores the shards (a
+            # push not sent yet is dropped: the restore replaces what it would have updated)
+            self.deferred = {}
+            in_flight.append(self._take_sent())
             refs = [ref for step in in_flight for ref in step]
             ray.wait(refs, num_returns=len(refs))
         for refs in in_flight:
@@ -430,7 +462,7 @@ class KGETrainer(_RowServer):
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.target_epoch = int(state["target_epoch"])
-        self.pending, self.pending_served = [], []
+        self.pending, self.pending_served, self.deferred = [], [], {}
 
     def save(self, storage: Storage, rel: str) -> str:
         return _save(storage, rel, self.state_dict())

@@ -63,6 +63,14 @@ class NodeServer:
     def pull(self, msg: NodePull) -> tuple | np.ndarray:
         """The rows asked (entity rows, then relation rows) in ``msg.num_pieces`` pieces: the caller asks for
         that many return values, so each goes inline in the reply."""
+        out = self._rows(msg)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def exchange(self, push: NodePush, pull: NodePull, *grads: np.ndarray) -> tuple:
+        """A trainer's last step's push and its next step's pull in one call (the push first): (step, *pieces)."""
+        return (self.push(push, *grads), *self._rows(pull))
+
+    def _rows(self, msg: NodePull) -> list[np.ndarray]:
         self._check(msg)
         ids = tensor(msg.ids).split(list(msg.sizes))
         chunks = [self.entity[p].pull(i) for p, i in zip(msg.parts, ids)]
@@ -71,7 +79,7 @@ class NodeServer:
         if len(out) != msg.num_pieces:
             raise ValueError(f"node server: {len(out)} pieces of rows for a pull that expects {msg.num_pieces} "
                              "(the trainer and the server disagree on the rows' widths)")
-        return out[0] if len(out) == 1 else tuple(out)
+        return out
 
     def push(self, msg: NodePush, *grads: np.ndarray) -> int:
         """Apply the gradients of ``msg``'s rows, sent as :func:`~bikd.ray.messages.pieces` after it."""

@@ -31,8 +31,8 @@ def test_each_partition_on_its_own_node():
             trainer_nodes = ray.get([t.node_id.remote() for t in sharded.trainers])
             assert len(set(trainer_nodes)) == 2  # one partition (trainer + its entity rows) per node
             assert ray.get(sharded.relation_shard.node_id.remote()) in trainer_nodes
-            # a node server on each node answers the other node's trainer: one pull and one push per step
-            # (the other partition's rows and, for the trainer without it, the relations in the same call)
+            # a node server on each node answers the other node's trainer: one call per step, a pull carrying an
+            # earlier step's push (the other partition's rows and, for the trainer without it, the relations)
             assert sorted(ray.get([s.node_id.remote() for s in sharded.servers.values()])) == sorted(trainer_nodes)
             before = evaluate(sharded.model(), kg.valid, [kg.all_triples()], kg.num_relations).mrr
             stats = [sharded.train_epoch() for _ in range(3)]
@@ -40,7 +40,7 @@ def test_each_partition_on_its_own_node():
             ray.kill(next(iter(sharded.servers.values())), no_restart=False)
             stats.append(sharded.train_epoch())
             after = evaluate(sharded.model(), kg.valid, [kg.all_triples()], kg.num_relations).mrr
-            assert 1 <= stats[2]["calls_per_step"] <= 2, stats[2]  # (the rerun epoch counts the failed one's calls too)
+            assert 1 <= stats[2]["calls_per_step"] < 1.5, stats[2]  # (the rerun epoch counts the failed one's calls too)
             assert sharded.num_recoveries == 1
             assert stats[-1]["loss"] < stats[0]["loss"] and after > before + 0.1, (before, after)
         finally:
