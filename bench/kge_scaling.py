@@ -14,12 +14,14 @@ bench/kge_throughput.py):
 - 2 trainers (1 thread each) on ONE node, rows in shared memory (the default), and the same with rows as
   actor calls: ``ray_2trainers_vs_local`` is the first against LocalTrainer at 2 threads;
 - 2 trainers on 2 simulated nodes (``ray.cluster_utils.Cluster``, 1 CPU each): every remote row travels, as
-  between machines but over loopback, through the other node's server (the default, one pull and one push per
-  step) or as calls to the owning trainer: ``overhead_ms_per_step_2node`` and ``..._trainer``. Both trainers
-  train, so each node's one core also serves the other's rows: contention, not the network;
-- the same with only partition 0's trainer training (``..._idle_peer``): the other node's core is free to
-  serve, as on a cluster node with a core for its server; this is the per-call cost the model uses. (4
-  simulated nodes on 2 cores would time contention, not the network.)
+  between machines but over loopback, through the other node's server (the default: one call per step, a pull
+  carrying an earlier step's push, the floats in pieces Ray sends inline) or as calls to the owning trainer:
+  ``overhead_ms_per_step_2node`` and ``..._trainer``. Both trainers train, so each node's one core also serves
+  the other's rows: contention, not the network;
+- the same with only partition 0's trainer training (``..._idle_peer``), with global and with local negatives
+  (many and few rows a call): the other node's core is free to serve, as on a cluster node with a core for its
+  server; the two give the per-call and per-row cost the model uses. (4 simulated nodes on 2 cores would time
+  contention, not the network.)
 
 Then the model: for FB15k-237, Wikidata5M and Freebase, memory per partition and the exchange per step at
 4 and 16 partitions (one per node, or 16 on 4 nodes) against a step's compute (docs/SCALING.md says how each
@@ -78,16 +80,18 @@ def layout_key(num_parts: int, per_node: int, neg: str) -> str:
     return f"{num_parts}part_{neg}" if per_node == 1 else f"{num_parts}part_{per_node}pernode_{neg}"
 
 
-def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "server", only_first: bool = False) -> dict:
-    """Positives/s of the async Ray path (median of timed epochs after one warm-up) and its calls per step.
-    ``only_first``: only partition 0's trainer trains; the others just hold their rows (their node's server,
-    or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on)."""
+def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "server", only_first: bool = False,
+               negatives: str = "global") -> dict:
+    """Positives/s of the async Ray path (median of timed epochs after one warm-up), its calls per step and the
+    rows a call pulls. ``only_first``: only partition 0's trainer trains; the others just hold their rows (their
+    node's server, or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on)."""
     import ray
 
     from bikd.ray.kge import DistConfig
     from bikd.ray.sharded import ShardedKGE
 
-    dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows, cross_node_rows=cross)
+    dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows, cross_node_rows=cross,
+                      negatives=negatives)
     sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, args.negatives), dist)
     try:
         if only_first:
@@ -96,15 +100,16 @@ def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "serve
             for _ in range(1 + args.ray_epochs):
                 before = ray.get(first.counters.remote())
                 epoch = ray.get(first.run_epoch.remote())
-                steps, calls = (a - b for a, b in zip(ray.get(first.counters.remote()), before))
-                stats.append({"triples_per_s": epoch["triples"] / epoch["seconds"], "calls_per_step": calls / max(steps, 1)})
+                steps, calls, pulled = (a - b for a, b in zip(ray.get(first.counters.remote()), before))
+                stats.append({"triples_per_s": epoch["triples"] / epoch["seconds"], "calls_per_step": calls / max(steps, 1),
+                              "rows_per_call": pulled / max(calls, 1)})
             stats = stats[1:]
         else:
             stats = [sharded.train_epoch() for _ in range(1 + args.ray_epochs)][1:]
     finally:
         sharded.shutdown()
     return {"pos_per_s": statistics.median(s["triples_per_s"] for s in stats), "calls_per_step": stats[-1]["calls_per_step"],
-            "epochs_pos_per_s": [s["triples_per_s"] for s in stats]}
+            "rows_per_call": stats[-1].get("rows_per_call"), "epochs_pos_per_s": [s["triples_per_s"] for s in stats]}
 
 
 def timed(kg, args) -> dict:
@@ -131,6 +136,8 @@ def timed(kg, args) -> dict:
             runs.setdefault("ray_2nodes", []).append(ray_epochs(kg, args, 2, "shared", 1.0))
             runs.setdefault("ray_2nodes_trainer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer"))
             runs.setdefault("ray_2nodes_idle_peer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, only_first=True))
+            runs.setdefault("ray_2nodes_idle_peer_local_neg", []).append(
+                ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, negatives="local"))
             runs.setdefault("ray_2nodes_idle_peer_trainer", []).append(
                 ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer", only_first=True))
         finally:
@@ -140,21 +147,30 @@ def timed(kg, args) -> dict:
     return runs
 
 
+def per_call_cost(measured: dict) -> tuple[float, float]:
+    """(ms per call, ms per row of ``--dim`` floats) a trainer step loses to its node-server calls, fitted to the
+    two idle-peer runs (global negatives: many rows a call; local: few): each run's overhead per step over its
+    calls per step is one point (rows a call pulled, ms a call)."""
+    points = [(measured[f"rows_per_call_2node_idle_peer{k}"],
+               measured[f"overhead_ms_per_step_2node_idle_peer{k}"] / measured[f"calls_per_step_2node_idle_peer{k}_measured"])
+              for k in ("", "_local_neg")]
+    (rows_g, ms_g), (rows_l, ms_l) = points
+    per_row = max(0.0, (ms_g - ms_l) / (rows_g - rows_l))
+    return max(0.0, ms_l - per_row * rows_l), per_row
+
+
 def model(measured: dict, counts: dict, args) -> dict:
     """Memory per partition and the exchange per step against compute, for each dataset at 4 partitions and
     at 16 (one per node, or 4 nodes of 4).
 
-    A step's exchange is its node-server calls (counted for the layout) times the cost of one call, plus the
-    pulled bytes over an assumed link. The cost of a call is measured on 2 simulated nodes with the serving
-    node's core free (``overhead_ms_per_step_2node_idle_peer`` over its measured calls per step): what a
-    cluster node with a core for its server pays, serialisation and loopback transfer included. It is charged
-    for every call in series (pushes and prefetched pulls in fact overlap the step) and scaled up where a
-    call carries more rows than the measured one. Compute is LocalTrainer's measured step at 2 threads, scaled
-    by dim."""
+    A step's exchange is what a trainer step loses to its node-server calls, per call plus per row (fitted to
+    two measured runs on 2 simulated nodes with the serving node's core free, ``per_call_cost``: what a cluster
+    node with a core for its server pays, serialisation, loopback transfer and the prefetch's overlap
+    included), for the calls and rows counted for the layout, the rows scaled by width; plus the pulled bytes
+    over an assumed link. Calls to different nodes are charged one after another (they in fact run
+    concurrently). Compute is LocalTrainer's measured step at 2 threads, scaled by dim."""
     out = {}
-    per_call_ms = measured["overhead_ms_per_step_2node_idle_peer"] / measured["calls_per_step_2node_idle_peer_measured"]
-    m = counts["2part_global"]
-    measured_row_floats = (m["remote_rows_per_step"] + m["relation_rows_per_step"]) / (m["server_calls_per_step"] / 2) * args.dim
+    per_call_ms, per_row_ms = per_call_cost(measured)
     for name, (num_ent, num_rel, num_triples, dim) in DATASETS.items():
         for num_parts, per_node in ((4, 1), (16, 1), (16, 4)):
             for neg in ("global", "local"):
@@ -164,9 +180,8 @@ def model(measured: dict, counts: dict, args) -> dict:
                 # remote share is FB15k-237's METIS cut (dense, so hard to cut: an upper bound for sparser graphs)
                 rows = c["remote_rows_per_step"] + c["relation_rows_per_step"]
                 pull_mb = rows * 4 * dim / 1e6
-                pulls = max(c["server_calls_per_step"] / 2, 1e-9)
-                payload = max(1.0, rows / pulls * dim / measured_row_floats)
-                exchange_ms = per_call_ms * c["server_calls_per_step"] * payload + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3
+                exchange_ms = (per_call_ms * c["server_calls_per_step"] + per_row_ms * rows * dim / args.dim
+                               + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3)
                 compute_ms = measured["local_ms_per_step_2thread"] * dim / args.dim
                 out[f"{name}_{key}"] = {
                     "entities": num_ent, "relations": num_rel, "triples": num_triples, "dim": dim,
@@ -242,6 +257,7 @@ def main() -> None:
     ms = {k: args.batch_size / v * 1e3 for k, v in med.items()}  # ms per step of ONE trainer
     trainer_ms = {k: ms[k] * training_trainers(k) for k in ms}  # 2 trainers share the rate
     calls = {k: statistics.median(r["calls_per_step"] for r in v) for k, v in runs.items() if k.startswith("ray")}
+    rows_per_call = {k: statistics.median(r["rows_per_call"] for r in v) for k, v in runs.items() if "idle_peer" in k}
     metrics = {
         "overhead_ms_per_step_1node": trainer_ms["ray_1trainer"] - ms["local_1thread"],
         "overhead_ms_per_step_2node": trainer_ms["ray_2nodes"] - ms["local_1thread"],
@@ -251,6 +267,10 @@ def main() -> None:
         "calls_per_step_2node_measured": calls["ray_2nodes"],
         "calls_per_step_2node_trainer_measured": calls["ray_2nodes_trainer"],
         "calls_per_step_2node_idle_peer_measured": calls["ray_2nodes_idle_peer"],
+        "overhead_ms_per_step_2node_idle_peer_local_neg": trainer_ms["ray_2nodes_idle_peer_local_neg"] - ms["local_1thread"],
+        "calls_per_step_2node_idle_peer_local_neg_measured": calls["ray_2nodes_idle_peer_local_neg"],
+        "rows_per_call_2node_idle_peer": rows_per_call["ray_2nodes_idle_peer"],
+        "rows_per_call_2node_idle_peer_local_neg": rows_per_call["ray_2nodes_idle_peer_local_neg"],
         "server_calls_per_step_16part_local": counts["16part_local"]["server_calls_per_step"],
         "server_calls_per_step_16part_4pernode_local": counts["16part_4pernode_local"]["server_calls_per_step"],
         "overhead_ms_per_step_2trainers_shared": trainer_ms["ray_2trainers_shared"] - ms["local_1thread"],
@@ -267,6 +287,7 @@ def main() -> None:
         "local_ms_per_step_1thread": ms["local_1thread"],
         "local_ms_per_step_2thread": ms["local_2thread"],
     }
+    metrics["per_call_ms_fitted"], metrics["per_row_ms_fitted"] = per_call_cost(metrics)
     scaled = model(metrics, counts, args)
     for key in ("wikidata5m_16part_global", "freebase_16part_global", "freebase_16part_local",
                 "freebase_16part_4pernode_global", "freebase_16part_4pernode_local"):

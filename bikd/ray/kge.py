@@ -200,7 +200,7 @@ class KGETrainer(_RowServer):
         #: async mode: node -> (NodePush, gradient pieces) of the last step, to ride on the next pull to that
         #: node (one call instead of two); ``sent``: refs of such pushes sent since run_epoch last took them
         self.deferred, self.sent = {}, []
-        self.num_calls = 0
+        self.num_calls = self.num_rows_pulled = 0
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
         # local negatives (PyTorch-BigGraph): drawn from this partition's entities, so they never travel
@@ -261,9 +261,9 @@ class KGETrainer(_RowServer):
         #: floats per relation row, for the pieces of a node server's answer
         self.relation_width = None if layout is None else dict((n, shape) for n, shape, *_ in layout.tensors)["table"][1]
 
-    def counters(self) -> tuple[int, int]:
-        """(steps, actor calls made for them) so far: the exchange cost the bench reports."""
-        return self.step_count, self.num_calls
+    def counters(self) -> tuple[int, int, int]:
+        """(steps, actor calls made for them, rows those calls pulled) so far: the exchange the bench reports."""
+        return self.step_count, self.num_calls, self.num_rows_pulled
 
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
@@ -324,6 +324,8 @@ class KGETrainer(_RowServer):
                 self.sent.append(ack)
             served.append((node, msg, pos, refs))
         self.num_calls += len(remote) + len(served) + (rel_ref is not None)
+        self.num_rows_pulled += (sum(len(pos) for pos, _ in remote) + sum(len(pos) for _, _, pos, _ in served)
+                                 + len(plan.relation_ids) * (rel_ref is not None or self.relation_node is not None))
         self._flush()  # pushes to nodes this step does not touch go alone
         return plan, neg, weights, kd, groups, rel_ref, remote, served
 
