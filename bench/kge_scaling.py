@@ -54,8 +54,11 @@ PARTS = (1, 2, 4, 8, 16)
 #: (Wikidata5M: Wang et al. 2021, KEPLER; Freebase: Zheng et al. 2020, DGL-KE, its TransE runs at dim 400)
 DATASETS = {"fb15k237": (14_505, 237, 272_115, 200), "wikidata5m": (4_594_485, 822, 20_614_279, 400),
             "freebase": (86_054_151, 14_824, 338_586_276, 400)}
-#: partitions per node counted besides one per node: Freebase's 16 partitions on 4 nodes of 4 trainers
-NODE_LAYOUTS = {16: (1, 4)}
+#: (partitions per node, steps per exchange) counted besides (1, 1): Freebase's 16 partitions on 4 nodes of 4,
+#: exchanging every step or every 4 or 8 steps (DistConfig.exchange_every), and 2 parts every 4 (timed too)
+NODE_LAYOUTS = {2: ((1, 1), (1, 4)), 16: ((1, 1), (4, 1), (4, 4), (4, 8))}
+#: the layouts the model is made for
+MODEL_LAYOUTS = ((4, 1, 1), (16, 1, 1), (16, 4, 1), (16, 4, 4), (16, 4, 8))
 NETWORK_GBPS = 10.0  # an assumed 10 Gb/s link between nodes (cloud instances have 10 to 100)
 
 
@@ -65,23 +68,25 @@ def counted(kg, args) -> dict:
     out = {}
     for num_parts in PARTS:
         parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, seed=args.seed))
-        for per_node in NODE_LAYOUTS.get(num_parts, (1,)):
+        for per_node, every in NODE_LAYOUTS.get(num_parts, ((1, 1),)):
             for neg in ("global", "local"):
                 t = count_step_traffic(parts, kg.num_entities, cfg, entity_width=args.dim, relation_width=args.dim,
-                                       negatives=neg, num_steps=args.count_steps, parts_per_node=per_node)
-                out[layout_key(num_parts, per_node, neg)] = {**t.__dict__, "negatives": neg}
-                print(f"{num_parts:2d} parts, {per_node} per node, {neg:6s} negatives: {t.remote_rows_per_step:7.0f} remote rows, "
+                                       negatives=neg, num_steps=args.count_steps, parts_per_node=per_node,
+                                       exchange_every=every)
+                out[layout_key(num_parts, per_node, neg, every)] = {**t.__dict__, "negatives": neg}
+                print(f"{num_parts:2d} parts, {per_node} per node, every {every}, {neg:6s} negatives: {t.remote_rows_per_step:7.0f} remote rows, "
                       f"{t.local_rows_per_step:6.0f} local, {t.calls_per_step:4.1f} calls to trainers, "
                       f"{t.server_calls_per_step:4.1f} to node servers, {t.bytes_per_step / 1e6:5.2f} MB per step", flush=True)
     return out
 
 
-def layout_key(num_parts: int, per_node: int, neg: str) -> str:
-    return f"{num_parts}part_{neg}" if per_node == 1 else f"{num_parts}part_{per_node}pernode_{neg}"
+def layout_key(num_parts: int, per_node: int, neg: str, every: int = 1) -> str:
+    return (f"{num_parts}part" + (f"_{per_node}pernode" if per_node > 1 else "") + (f"_every{every}" if every > 1 else "")
+            + f"_{neg}")
 
 
 def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "server", only_first: bool = False,
-               negatives: str = "global") -> dict:
+               negatives: str = "global", every: int = 1) -> dict:
     """Positives/s of the async Ray path (median of timed epochs after one warm-up), its calls per step and the
     rows a call pulls. ``only_first``: only partition 0's trainer trains; the others just hold their rows (their
     node's server, or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on)."""
@@ -91,7 +96,7 @@ def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "serve
     from bikd.ray.sharded import ShardedKGE
 
     dist = DistConfig(num_parts=parts, mode="async", cpus_per_trainer=cpus, same_node_rows=rows, cross_node_rows=cross,
-                      negatives=negatives)
+                      negatives=negatives, exchange_every=every)
     sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, bikd_config(args, args.negatives), dist)
     try:
         if only_first:
@@ -138,6 +143,8 @@ def timed(kg, args) -> dict:
             runs.setdefault("ray_2nodes_idle_peer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, only_first=True))
             runs.setdefault("ray_2nodes_idle_peer_local_neg", []).append(
                 ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, negatives="local"))
+            runs.setdefault("ray_2nodes_idle_peer_every4", []).append(
+                ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, every=4))
             runs.setdefault("ray_2nodes_idle_peer_trainer", []).append(
                 ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer", only_first=True))
         finally:
@@ -172,20 +179,20 @@ def model(measured: dict, counts: dict, args) -> dict:
     out = {}
     per_call_ms, per_row_ms = per_call_cost(measured)
     for name, (num_ent, num_rel, num_triples, dim) in DATASETS.items():
-        for num_parts, per_node in ((4, 1), (16, 1), (16, 4)):
+        for num_parts, per_node, every in MODEL_LAYOUTS:
             for neg in ("global", "local"):
-                key = layout_key(num_parts, per_node, neg)
+                key = layout_key(num_parts, per_node, neg, every)
                 c = counts[key]
                 # a step's shape is the batch's, not the graph's: the counted rows per step carry over; the
                 # remote share is FB15k-237's METIS cut (dense, so hard to cut: an upper bound for sparser graphs)
-                rows = c["remote_rows_per_step"] + c["relation_rows_per_step"]
+                rows = c["server_rows_per_step"]
                 pull_mb = rows * 4 * dim / 1e6
                 exchange_ms = (per_call_ms * c["server_calls_per_step"] + per_row_ms * rows * dim / args.dim
                                + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3)
                 compute_ms = measured["local_ms_per_step_2thread"] * dim / args.dim
                 out[f"{name}_{key}"] = {
                     "entities": num_ent, "relations": num_rel, "triples": num_triples, "dim": dim,
-                    "num_parts": num_parts, "parts_per_node": per_node, "negatives": neg,
+                    "num_parts": num_parts, "parts_per_node": per_node, "exchange_every": every, "negatives": neg,
                     # rows and row-wise Adagrad state (one float per row), and the partition's triples (int64)
                     "memory_gb_per_part": (num_ent / num_parts * (dim + 1) * 4 + num_triples / num_parts * 3 * 8) / 1e9,
                     "remote_rows_per_step": c["remote_rows_per_step"], "server_calls_per_step": c["server_calls_per_step"],
@@ -202,13 +209,15 @@ def training_trainers(setting: str) -> int:
 def tables(result: dict) -> str:
     """docs/SCALING.md's tables from a kge_scaling JSON (``--table PATH``)."""
     m, d = result["metrics"], result["details"]
-    lines = ["| partitions | per node | negatives | remote entity rows / step | local rows / step | relation rows / step | "
-             "calls to trainers / step | calls to node servers / step | MB / step (dim 200) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| partitions | per node | steps per exchange | negatives | remote entity rows / step | local rows / step | "
+             "relation rows / step | calls to trainers / step | calls to node servers / step | rows through node servers / step | "
+             "MB / step (dim 200) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in d["counts"].values():
-        lines.append(f"| {c['num_parts']} | {c.get('parts_per_node', 1)} | {c['negatives']} | {c['remote_rows_per_step']:,.0f} | "
-                     f"{c['local_rows_per_step']:,.0f} | {c['relation_rows_per_step']:,.0f} | {c['calls_per_step']:.1f} | "
-                     f"{c.get('server_calls_per_step', float('nan')):.1f} | {c['bytes_per_step'] / 1e6:.2f} |")
+        lines.append(f"| {c['num_parts']} | {c['parts_per_node']} | {c['exchange_every']} | {c['negatives']} | "
+                     f"{c['remote_rows_per_step']:,.0f} | {c['local_rows_per_step']:,.0f} | {c['relation_rows_per_step']:,.0f} | "
+                     f"{c['calls_per_step']:.1f} | {c['server_calls_per_step']:.2f} | {c['server_rows_per_step']:,.0f} | "
+                     f"{c['bytes_per_step'] / 1e6:.2f} |")
     lines += ["", "| setting (2 CPU cores) | positives/s (median) | vs LocalTrainer | ms per trainer step | calls / step |",
               "|---|---:|---:|---:|---:|"]
     med = d["medians_pos_per_s"]
@@ -216,16 +225,20 @@ def tables(result: dict) -> str:
         base = "local_2thread" if training_trainers(k) == 2 or k == "local_2thread" else "local_1thread"
         calls = statistics.median(r["calls_per_step"] for r in d["runs"][k]) if k.startswith("ray") else 0
         lines.append(f"| {k} | {v:,.0f} | {v / med[base]:.2f}x ({base}) | {training_trainers(k) * 1024 / v * 1e3:.1f} | {calls:.1f} |")
-    lines += ["", "| graph | parts | per node | negatives | entities | dim | GB per partition | pulled MB / step | "
-              "server calls / step | exchange ms / step | compute ms / step | exchange / compute |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| graph | parts | per node | steps per exchange | negatives | entities | dim | GB per partition | "
+              "pulled MB / step | server calls / step | exchange ms / step | compute ms / step | exchange / compute |",
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in d["model"].items():
-        lines.append(f"| {key.split('_')[0]} | {r['num_parts']} | {r['parts_per_node']} | {r['negatives']} | {r['entities']:,} | "
-                     f"{r['dim']} | {r['memory_gb_per_part']:.2f} | {r['pull_mb_per_step']:.2f} | {r['server_calls_per_step']:.1f} | "
+        lines.append(f"| {key.split('_')[0]} | {r['num_parts']} | {r['parts_per_node']} | {r['exchange_every']} | {r['negatives']} | "
+                     f"{r['entities']:,} | "
+                     f"{r['dim']} | {r['memory_gb_per_part']:.2f} | {r['pull_mb_per_step']:.2f} | {r['server_calls_per_step']:.2f} | "
                      f"{r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | {r['exchange_vs_compute']:.0%} |")
     lines += ["", f"(from `{result['benchmark']}` at commit {result['commit']}, {result['date']}; load average "
               f"{result.get('loadavg_start')} -> {result.get('loadavg_end')}; "
-              f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f})"]
+              f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f}; fitted cost {m['per_call_ms_fitted']:.2f} ms per call + "
+              f"{m['per_row_ms_fitted'] * 1e3:.2f} us per row; exchanging every 4 steps, 2 nodes: "
+              f"{m['overhead_ms_per_step_2node_idle_peer_every4']:.2f} ms per step measured, "
+              f"{m['predicted_overhead_ms_per_step_2node_idle_peer_every4']:.2f} predicted)"]
     return "\n".join(lines)
 
 
@@ -241,7 +254,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every timed setting (median)")
     p.add_argument("--steps", type=int, default=60, help="LocalTrainer: steps per timed run")
     p.add_argument("--ray-epochs", type=int, default=1, help="timed epochs per Ray run (after a warm-up epoch)")
-    p.add_argument("--count-steps", type=int, default=20, help="steps per partition replayed for the counts")
+    p.add_argument("--count-steps", type=int, default=32, help="steps per partition replayed for the counts")
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p)
     args = p.parse_args()
@@ -271,6 +284,11 @@ def main() -> None:
         "calls_per_step_2node_idle_peer_local_neg_measured": calls["ray_2nodes_idle_peer_local_neg"],
         "rows_per_call_2node_idle_peer": rows_per_call["ray_2nodes_idle_peer"],
         "rows_per_call_2node_idle_peer_local_neg": rows_per_call["ray_2nodes_idle_peer_local_neg"],
+        "overhead_ms_per_step_2node_idle_peer_every4": trainer_ms["ray_2nodes_idle_peer_every4"] - ms["local_1thread"],
+        "calls_per_step_2node_idle_peer_every4_measured": calls["ray_2nodes_idle_peer_every4"],
+        "rows_per_call_2node_idle_peer_every4": rows_per_call["ray_2nodes_idle_peer_every4"],
+        "ray_2nodes_idle_peer_vs_local_1thread": med["ray_2nodes_idle_peer"] / med["local_1thread"],
+        "ray_2nodes_idle_peer_every4_vs_local_1thread": med["ray_2nodes_idle_peer_every4"] / med["local_1thread"],
         "server_calls_per_step_16part_local": counts["16part_local"]["server_calls_per_step"],
         "server_calls_per_step_16part_4pernode_local": counts["16part_4pernode_local"]["server_calls_per_step"],
         "overhead_ms_per_step_2trainers_shared": trainer_ms["ray_2trainers_shared"] - ms["local_1thread"],
@@ -288,9 +306,15 @@ def main() -> None:
         "local_ms_per_step_2thread": ms["local_2thread"],
     }
     metrics["per_call_ms_fitted"], metrics["per_row_ms_fitted"] = per_call_cost(metrics)
+    # the check: the fit (made with one exchange per step) predicts the run that exchanges every 4 steps
+    every4 = metrics["calls_per_step_2node_idle_peer_every4_measured"]
+    metrics["predicted_overhead_ms_per_step_2node_idle_peer_every4"] = every4 * (
+        metrics["per_call_ms_fitted"] + metrics["per_row_ms_fitted"] * metrics["rows_per_call_2node_idle_peer_every4"])
     scaled = model(metrics, counts, args)
     for key in ("wikidata5m_16part_global", "freebase_16part_global", "freebase_16part_local",
-                "freebase_16part_4pernode_global", "freebase_16part_4pernode_local"):
+                "freebase_16part_4pernode_global", "freebase_16part_4pernode_local", "freebase_16part_4pernode_every4_global",
+                "freebase_16part_4pernode_every4_local", "freebase_16part_4pernode_every8_global",
+                "freebase_16part_4pernode_every8_local"):
         metrics[f"{key}_exchange_vs_compute"] = scaled[key]["exchange_vs_compute"]
         metrics[f"{key}_memory_gb_per_part"] = scaled[key]["memory_gb_per_part"]
     for k, v in metrics.items():

@@ -9,10 +9,12 @@ iterator, sampler and planner, so the counts are those of the real step, not of 
 With ``parts_per_node`` > 1 the partitions sit ``parts_per_node`` to a node (partition p on node
 p // parts_per_node, the relation shard on node 0): rows of partitions on the trainer's own node are read in
 shared memory and count as local, and ``server_calls_per_step`` counts the node-server path
-(``DistConfig.cross_node_rows="server"``) as async mode with prefetch (the defaults) calls it: one pull per
-other node the step touches, carrying the push of the step two before to that node (its pull is sent while
-that step computes), and a push of its own to each node that step touched and this one does not (the pushes
-of an epoch's last two steps, sent alone at its end, are not counted).
+(``DistConfig.cross_node_rows="server"``) as async mode with prefetch (the defaults) calls it, in windows of
+``exchange_every`` steps (bikd/ray/node_exchange.py): one pull per other node the window touches, carrying the
+push of the window two before to that node (its pull is sent while that window's last step computes), and a
+push of its own to each node that window touched and this one does not (the pushes of an epoch's last two
+windows, sent alone at its end, are not counted); ``server_rows_per_step`` the rows those pulls carry (a
+window's union, relation rows included where the relation shard is on another node).
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ class StepTraffic:
     server_calls_per_step: float = 0.0
     #: the node-server calls, were every push sent alone (as in sync mode): one pull and one push per other node
     server_calls_per_step_unpaired: float = 0.0
+    server_rows_per_step: float = 0.0
+    exchange_every: int = 1
 
 
 def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETrainConfig, *, entity_width: int,
                        relation_width: int, negatives: str = "global", num_steps: int = 20,
-                       parts_per_node: int = 1) -> StepTraffic:
+                       parts_per_node: int = 1, exchange_every: int = 1) -> StepTraffic:
     """Over the training triples ``partitioning`` was made from (it keeps them); ``entity_width`` /
     ``relation_width`` the floats per row (e.g. 2 x dim for ComplEx's entities); ``negatives`` as
     ``DistConfig.negatives`` ("local": drawn from the trainer's own entities, so they never travel)."""
     assert negatives in ("global", "local"), negatives
     owner = partitioning.entity_part
     node_of = owner // parts_per_node
-    local = remote = rel = parts = calls = nbytes = nodes = server_calls = unpaired = 0.0
+    local = remote = rel = parts = calls = nbytes = nodes = server_calls = unpaired = server_rows = 0.0
     count = 0
     for p in range(partitioning.num_parts):
         mine = partitioning.triples[partitioning.triples_of(p)]
@@ -70,7 +74,7 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
         seed = cfg.seed + 7919 * p  # as KGETrainer seeds partition p's negatives and batch order
         generator = torch.Generator().manual_seed(seed)
         batches = BatchIterator(len(mine), cfg.batch_size, seed)
-        touched: list[set] = []  # the other nodes of this trainer's steps so far
+        served: list[tuple] = []  # per step: (other nodes, their entity ids, relation ids if they travel)
         for _ in range(num_steps):
             batch = mine[batches.next_batch()]
             neg = sampler.sample_batch(len(batch), generator)
@@ -84,9 +88,8 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
             other_nodes = set(node_of[plan.entity_ids][elsewhere].tolist()) | ({0} if node != 0 else set())
             nodes += len(other_nodes)
             unpaired += 2 * len(other_nodes)  # one pull and one push per other node (relations ride along)
-            waiting = touched[-2] if len(touched) >= 2 else set()  # pushes of the step before the last
-            server_calls += len(other_nodes) + len(waiting - other_nodes)
-            touched.append(other_nodes)
+            travel = plan.relation_ids if node != 0 else plan.relation_ids[:0]
+            served.append((other_nodes, plan.entity_ids[elsewhere], travel))
             local += len(plan.entity_ids) - n_remote
             remote += n_remote
             rel += len(plan.relation_ids)
@@ -94,9 +97,18 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
             calls += 2 + 2 * n_parts  # relation pull + push, and a pull + push per remote partition
             nbytes += 2 * FLOAT_BYTES * (n_remote * entity_width + len(plan.relation_ids) * relation_width)
             count += 1
+        touched: list[set] = []  # the other nodes of this trainer's windows so far
+        for w in range(0, len(served), exchange_every):
+            window = served[w:w + exchange_every]
+            other_nodes = set().union(*(n for n, _, _ in window))
+            waiting = touched[-2] if len(touched) >= 2 else set()  # pushes of the window before the last
+            server_calls += len(other_nodes) + len(waiting - other_nodes)
+            touched.append(other_nodes)
+            server_rows += sum(len(torch.cat([x[i] for x in window]).unique()) for i in (1, 2))
     assert count, "no partition has triples"
     return StepTraffic(num_parts=partitioning.num_parts, local_rows_per_step=local / count,
                        remote_rows_per_step=remote / count, relation_rows_per_step=rel / count,
                        remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count,
                        parts_per_node=parts_per_node, remote_nodes_per_step=nodes / count,
-                       server_calls_per_step=server_calls / count, server_calls_per_step_unpaired=unpaired / count)
+                       server_calls_per_step=server_calls / count, server_calls_per_step_unpaired=unpaired / count,
+                       server_rows_per_step=server_rows / count, exchange_every=exchange_every)

@@ -36,6 +36,7 @@ import posixpath
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,8 +48,8 @@ from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_tripl
 from bikd.kge.shard import ShardState
 from bikd.kge.shared import SharedLayout, attach, can_share, share, shm_root, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, plan_step, step_gradients
-from bikd.ray.messages import (AddTriples, NodePull, NodePush, Peers, PullRequest, PushGrads, Rows, array, num_pieces,
-                               pieces, tensor, unpiece)
+from bikd.ray.messages import AddTriples, Peers, PullRequest, PushGrads, Rows, array, tensor
+from bikd.ray.node_exchange import NodeExchange
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
 
@@ -79,6 +80,10 @@ class DistConfig:
     #: rows of shared shards on OTHER nodes: "server" (one call per other node a step touches, answered by that
     #: node's NodeServer process) or "trainer" (one call per remote partition, answered by its trainer)
     cross_node_rows: Literal["server", "trainer"] = "server"
+    #: async mode, node servers: steps per exchange with another node (one pull for all their rows there, one
+    #: push of their summed gradients; bikd/ray/node_exchange.py): cuts calls per step by this factor, and
+    #: those rows are up to this many steps staler
+    exchange_every: int = 1
 
     def __post_init__(self):
         if any(not v > 0 for v in self.resources_per_trainer.values()):
@@ -95,6 +100,10 @@ class DistConfig:
             raise ValueError(f"dist.same_node_rows must be 'shared' or 'calls', got {self.same_node_rows!r}")
         if self.cross_node_rows not in ("server", "trainer"):
             raise ValueError(f"dist.cross_node_rows must be 'server' or 'trainer', got {self.cross_node_rows!r}")
+        if self.exchange_every < 1:
+            raise ValueError(f"dist.exchange_every must be >= 1, got {self.exchange_every}")
+        if self.mode == "sync" and self.exchange_every != 1:
+            raise ValueError(f"dist.exchange_every={self.exchange_every} needs dist.mode='async' (sync mode exchanges every step)")
         if not self.cpus_per_trainer >= 0:
             raise ValueError(f"dist.cpus_per_trainer must be >= 0, got {self.cpus_per_trainer}")
 
@@ -196,10 +205,12 @@ class KGETrainer(_RowServer):
         #: shards of this node mapped from shared memory: partition -> ShardState, and the relation shard
         self.attached: dict[int, ShardState] = {}
         self.relation_rows: ShardState | None = None
-        self.servers, self.served, self.relation_node, self.pending_served = {}, {}, None, []
-        #: async mode: node -> (NodePush, gradient pieces) of the last step, to ride on the next pull to that
-        #: node (one call instead of two); ``sent``: refs of such pushes sent since run_epoch last took them
-        self.deferred, self.sent = {}, []
+        self.served, self.relation_node = {}, None
+        #: rows on other nodes, through their node servers, in windows of steps (async: ``exchange_every``)
+        self.exchange = NodeExchange(part=part, owner=entity_owner, entity_width=table.shape[1])
+        self.exchange_every = dist.exchange_every
+        self.queue: deque = deque()  # the current window's planned steps, with their tickets
+        self.pending_ticket = None
         self.num_calls = self.num_rows_pulled = 0
         seed = cfg.seed + 7919 * part  # partition 0 draws exactly what LocalTrainer draws
         self.generator = torch.Generator().manual_seed(seed)
@@ -254,16 +265,18 @@ class KGETrainer(_RowServer):
         self.relation_rows = None
         if node == here and layout is not None:
             self.relation_rows = attach(layout, torch.arange(self.num_relations), self.cfg.optimizer, interaction, "relation")
-        self.servers = dict(msg.servers or {})
+        servers = dict(msg.servers or {})
         #: partition -> the node whose server has its rows (shared shards on other nodes with a server)
-        self.served = {p: n for p, (n, lay) in enumerate(msg.layouts) if n != here and lay is not None and n in self.servers}
-        self.relation_node = node if node != here and layout is not None and node in self.servers else None
-        #: floats per relation row, for the pieces of a node server's answer
-        self.relation_width = None if layout is None else dict((n, shape) for n, shape, *_ in layout.tensors)["table"][1]
+        self.served = {p: n for p, (n, lay) in enumerate(msg.layouts) if n != here and lay is not None and n in servers}
+        self.relation_node = node if node != here and layout is not None and node in servers else None
+        relation_width = None if layout is None else dict((n, shape) for n, shape, *_ in layout.tensors)["table"][1]
+        self.exchange.connect(servers, self.served, self.relation_node, relation_width)
+        self.queue.clear()
 
     def counters(self) -> tuple[int, int, int]:
         """(steps, actor calls made for them, rows those calls pulled) so far: the exchange the bench reports."""
-        return self.step_count, self.num_calls, self.num_rows_pulled
+        return (self.step_count, self.num_calls + self.exchange.num_calls,
+                self.num_rows_pulled + self.exchange.num_rows)
 
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:
@@ -276,14 +289,28 @@ class KGETrainer(_RowServer):
         return None if step is None else self._finish(step)
 
     def _prepare(self) -> tuple | None:
-        """Draw the next step's batch and negatives, plan its rows and send the pulls of rows that live on other
-        nodes (they travel meanwhile); None once the epoch is done."""
-        if self.batches.epoch != self.target_epoch:
-            self._flush()
-            return None
-        if torch.get_num_threads() != self.num_threads:
-            # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
-            torch.set_num_threads(self.num_threads)
+        """The next step, planned, its pulls of rows that live on other nodes sent (they travel meanwhile);
+        None once the epoch is done. Steps are planned a window at a time (``exchange_every``)."""
+        if not self.queue:
+            if self.batches.epoch != self.target_epoch:
+                self.exchange.flush()
+                return None
+            if torch.get_num_threads() != self.num_threads:
+                # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
+                torch.set_num_threads(self.num_threads)
+            size = self.exchange_every if self.exchange.active else 1
+            steps = []
+            while len(steps) < size and self.batches.epoch == self.target_epoch:
+                steps.append(self._plan())
+            tickets = [None] * len(steps)
+            if self.exchange.active:
+                tickets = self.exchange.open([(st[0].entity_ids, st[0].relation_ids, st[4]) for st in steps], self.step_count)
+            self.queue.extend((*st, ticket) for st, ticket in zip(steps, tickets))
+        return self.queue.popleft()
+
+    def _plan(self) -> tuple:
+        """Draw a batch and its negatives, plan its rows and send the pulls of rows other trainers or the
+        relation shard answer themselves (not node servers)."""
         batch, weights, kd = self.data.gather(self.batches.next_batch(), self.cfg.reverse_kd.weight > 0)
         neg = self.sampler.sample_batch(len(batch), self.generator)
         if self.negative_ids is not None:
@@ -292,46 +319,18 @@ class KGETrainer(_RowServer):
         owner = self.owner[plan.entity_ids]
         groups = [(s, (owner == s).nonzero().flatten()) for s in owner.unique().tolist()]
         version = self.step_count
-        # messages first (they travel while this process gathers the rows it can read itself)
         rel_ref = None
         if self.relation_rows is None and self.relation_node is None:
             rel_ref = self.relation_shard.pull.remote(PullRequest(version=version, ids=array(plan.relation_ids)))
-        remote, by_node = [], {}
-        for s, pos in groups:
-            if s == self.part or s in self.attached:
-                continue
-            if s in self.served:
-                by_node.setdefault(self.served[s], []).append((s, pos))
-            else:
-                remote.append((pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos])))))
-        if self.relation_node is not None:
-            by_node.setdefault(self.relation_node, [])
-        served = []  # (node, its pull, positions of its rows in the step, refs): one pull per other node
-        for node, items in by_node.items():
-            pos = torch.cat([p for _, p in items]) if items else torch.empty(0, dtype=torch.long)
-            relation = node == self.relation_node
-            floats = len(pos) * self.shard.table.shape[1] + (len(plan.relation_ids) * self.relation_width if relation else 0)
-            msg = NodePull(version=version, parts=tuple(s for s, _ in items), sizes=tuple(len(p) for _, p in items),
-                           ids=array(plan.entity_ids[pos]), relation_ids=array(plan.relation_ids) if relation else None,
-                           num_pieces=num_pieces(floats))
-            waiting = self.deferred.pop(node, None)
-            if waiting is None:
-                refs = self.servers[node].pull.options(num_returns=msg.num_pieces).remote(msg)
-                refs = refs if msg.num_pieces > 1 else [refs]
-            else:  # the last step's push to this node rides on this pull: one call, not two
-                ack, *refs = self.servers[node].exchange.options(num_returns=1 + msg.num_pieces).remote(
-                    waiting[0], msg, *waiting[1])
-                self.sent.append(ack)
-            served.append((node, msg, pos, refs))
-        self.num_calls += len(remote) + len(served) + (rel_ref is not None)
-        self.num_rows_pulled += (sum(len(pos) for pos, _ in remote) + sum(len(pos) for _, _, pos, _ in served)
-                                 + len(plan.relation_ids) * (rel_ref is not None or self.relation_node is not None))
-        self._flush()  # pushes to nodes this step does not touch go alone
-        return plan, neg, weights, kd, groups, rel_ref, remote, served
+        remote = [(pos, self.peers[s].pull.remote(PullRequest(version=version, ids=array(plan.entity_ids[pos]))))
+                  for s, pos in groups if s != self.part and s not in self.attached and s not in self.served]
+        self.num_calls += len(remote) + (rel_ref is not None)
+        self.num_rows_pulled += sum(len(pos) for pos, _ in remote) + len(plan.relation_ids) * (rel_ref is not None)
+        return plan, neg, weights, kd, groups, rel_ref, remote
 
     def _finish(self, step: tuple) -> float:
         """Read this node's rows, wait for the pulled ones, and compute the loss and the gradients."""
-        plan, neg, weights, kd, groups, rel_ref, remote, served = step
+        plan, neg, weights, kd, groups, rel_ref, remote, ticket = step
         if len(groups) == 1 and groups[0][0] == self.part:  # all rows are this trainer's: no scatter
             with self.lock:
                 ent_rows = self.shard.pull(plan.entity_ids)
@@ -345,16 +344,7 @@ class KGETrainer(_RowServer):
                     ent_rows[pos] = self.attached[s].pull(plan.entity_ids[pos])
             for pos, ref in remote:
                 ent_rows[pos] = tensor(ray.get(ref).rows)
-        rel_rows = None
-        for _, msg, pos, refs in served:
-            shapes = [(len(pos), ent_rows.shape[1])]
-            if msg.relation_ids is not None:
-                shapes.append((len(msg.relation_ids), self.relation_width))
-            got, *relation = unpiece(ray.get(refs), *shapes)
-            if msg.parts:
-                ent_rows[pos] = got
-            if relation:
-                rel_rows = relation[0]
+        rel_rows = None if ticket is None else self.exchange.read(ticket, ent_rows)
         if rel_rows is None:
             rel_rows = self.relation_rows.pull(plan.relation_ids) if rel_ref is None else tensor(ray.get(rel_ref).rows)
         loss, ent_grad, rel_grad = step_gradients(self.shard.interaction, plan, neg, ent_rows, rel_rows,
@@ -368,17 +358,13 @@ class KGETrainer(_RowServer):
             if s not in self.served:
                 ids, grads = (plan.entity_ids, ent_grad) if whole else (plan.entity_ids[pos], ent_grad[pos])
                 self.pending.append((None if s == self.part else self.attached.get(s) or self.peers[s], ids, grads))
-        # one push per other node's server, for the rows of its pull; the gradients in pieces that go inline
-        self.pending_served = [(node, NodePush(
-            step=self.step_count, source=self.part, parts=msg.parts, sizes=msg.sizes, ids=msg.ids,
-            relation_ids=msg.relation_ids), pieces(array(ent_grad[pos]), None if msg.relation_ids is None else array(rel_grad)))
-            for node, msg, pos, _ in served]
+        self.pending_ticket = None if ticket is None else (ticket, ent_grad, rel_grad)  # rows of node servers
         return loss
 
     def apply(self, defer: bool = False) -> list:
         """Apply the last step's gradients: this trainer's rows and mapped shards' rows here, other nodes'
-        rows pushed; returns the pushes' refs. ``defer``: pushes to node servers wait for the next step's pull
-        to that node and go with it (``_prepare``), or alone if it does not touch the node."""
+        rows pushed; returns the pushes' refs. ``defer``: pushes to node servers wait for the next window's pull
+        to that node and go with it, or alone if it does not touch the node (bikd/ray/node_exchange.py)."""
         refs = []
         for target, ids, grads in self.pending:
             if target is None:
@@ -389,24 +375,11 @@ class KGETrainer(_RowServer):
             else:
                 refs.append(target.push.remote(PushGrads(step=self.step_count, source=self.part, ids=array(ids),
                                                          grads=array(grads))))
-        if defer:
-            assert not self.deferred, "the previous step's deferred pushes were not sent"
-            self.deferred = {node: (msg, grads) for node, msg, grads in self.pending_served}
-        else:
-            refs += [self.servers[node].push.remote(msg, *grads) for node, msg, grads in self.pending_served]
         self.num_calls += len(refs)
-        self.pending, self.pending_served, self.deferred = [], [], {}
+        if self.pending_ticket is not None:
+            refs += self.exchange.add(*self.pending_ticket, defer=defer, step=self.step_count)
+        self.pending, self.pending_ticket = [], None
         return refs
-
-    def _flush(self) -> None:
-        """Send the deferred pushes still waiting, each alone."""
-        self.sent += [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in self.deferred.items()]
-        self.num_calls += len(self.deferred)
-        self.deferred = {}
-
-    def _take_sent(self) -> list:
-        sent, self.sent = self.sent, []
-        return sent
 
     def apply_sync(self) -> None:
         refs = self.apply()
@@ -426,17 +399,17 @@ class KGETrainer(_RowServer):
                 # behind it (those rows miss this step's update: one step staler, as async mode allows)
                 ahead = self._prepare() if self.prefetch else None
                 losses.append(self._finish(step))
-                # this step's pushes to node servers wait for the next pull to their node (one call for both)
-                in_flight.append(self.apply(defer=True) + self._take_sent())
+                # pushes to node servers wait for the next pull to their node (one call for both)
+                in_flight.append(self.apply(defer=True) + self.exchange.take_sent())
                 while len(in_flight) > self.staleness:
                     ray.get(in_flight.pop(0))
                 step = ahead if self.prefetch else self._prepare()
-            self._flush()
+            self.exchange.flush()
         finally:
             # even when a peer died: no push of this epoch may land after the driver restores the shards (a
             # push not sent yet is dropped: the restore replaces what it would have updated)
-            self.deferred = {}
-            in_flight.append(self._take_sent())
+            in_flight.append(self.exchange.take_sent())
+            self.exchange.reset()
             refs = [ref for step in in_flight for ref in step]
             ray.wait(refs, num_returns=len(refs))
         for refs in in_flight:
@@ -464,7 +437,9 @@ class KGETrainer(_RowServer):
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.target_epoch = int(state["target_epoch"])
-        self.pending, self.pending_served, self.deferred = [], [], {}
+        self.pending, self.pending_ticket = [], None
+        self.queue.clear()
+        self.exchange.reset()
 
     def save(self, storage: Storage, rel: str) -> str:
         return _save(storage, rel, self.state_dict())

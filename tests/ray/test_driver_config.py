@@ -34,6 +34,8 @@ def test_defaults_run_the_embedded_slice_both_ways_asynchronously():
     ("loop.max_kge_lead=-1", "max_kge_lead must be >= 0"),
     ("loop.mode=sync kge_dist.mode=async", "loop.mode sync needs kge_dist.mode sync"),
     ("probe_limit=0", "probe_limit must be >= 1"),
+    ("kge_dist.exchange_every=4", "exchange_every=4 needs dist.mode='async'"),
+    ("kge_dist.mode=async kge_dist.exchange_every=0", "exchange_every must be >= 1"),
 ])
 def test_bad_loop_settings_fail_when_the_config_is_built(override, message):
     with pytest.raises(ValueError, match=message):

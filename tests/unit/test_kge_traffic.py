@@ -16,11 +16,11 @@ def kg():
     return load_dataset("umls")
 
 
-def traffic(kg, num_parts: int, negatives: str = "global", parts_per_node: int = 1):
+def traffic(kg, num_parts: int, negatives: str = "global", parts_per_node: int = 1, exchange_every: int = 1, num_steps: int = 5):
     parts = partition(kg.train, kg.num_entities, kg.num_relations, PartitionConfig(num_parts=num_parts, method="metis"))
     cfg = KGETrainConfig(batch_size=64, sampler=NegativeSamplerConfig(num_negatives=32, chunk_size=16))
-    return count_step_traffic(parts, kg.num_entities, cfg, entity_width=8, relation_width=8, negatives=negatives, num_steps=5,
-                              parts_per_node=parts_per_node)
+    return count_step_traffic(parts, kg.num_entities, cfg, entity_width=8, relation_width=8, negatives=negatives,
+                              num_steps=num_steps, parts_per_node=parts_per_node, exchange_every=exchange_every)
 
 
 def test_one_partition_exchanges_only_relations(kg):
@@ -52,3 +52,13 @@ def test_node_servers_take_one_call_per_other_node(kg):
     # one node per partition: the relations ride along with node 0's rows instead of 2 calls of their own
     assert 2 <= apart.server_calls_per_step_unpaired <= 6 and apart.server_calls_per_step_unpaired < apart.calls_per_step
     assert apart.remote_nodes_per_step <= apart.server_calls_per_step < apart.server_calls_per_step_unpaired
+
+
+def test_windows_of_steps_cut_calls_and_share_rows(kg):
+    """exchange_every=4: one call per other node per window of 4 steps, for the union of the window's rows."""
+    one, four = traffic(kg, 4, num_steps=16), traffic(kg, 4, num_steps=16, exchange_every=4)
+    assert one.remote_rows_per_step == four.remote_rows_per_step  # the same steps
+    # a step's ids are unique: without windows the pulls carry the step's remote rows and travelling relations
+    assert one.remote_rows_per_step <= one.server_rows_per_step <= one.remote_rows_per_step + one.relation_rows_per_step
+    assert one.server_rows_per_step / 4 <= four.server_rows_per_step < one.server_rows_per_step  # rows repeat in a window
+    assert four.server_calls_per_step <= one.server_calls_per_step / 4 + 0.5
