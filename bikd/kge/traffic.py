@@ -11,8 +11,9 @@ p // parts_per_node, the relation shard on node 0): rows of partitions on the tr
 shared memory and count as local, and ``server_calls_per_step`` counts the node-server path
 (``DistConfig.cross_node_rows="server"``) as async mode with prefetch (the defaults) calls it, in windows of
 ``exchange_every`` steps (bikd/ray/node_exchange.py): one pull per other node the window touches, carrying the
-push of the window two before to that node (its pull is sent while that window's last step computes), and a
-push of its own to each node that window touched and this one does not (the pushes of an epoch's last two
+push of an earlier window to that node (two windows before with one step a window: its pull is sent while
+that step computes; three with more, since a window's pull is sent as the window before it starts), and a
+push of its own to each node that earlier window touched and this one does not (the pushes of an epoch's last
 windows, sent alone at its end, are not counted); ``server_rows_per_step`` the rows those pulls carry (a
 window's union, relation rows included where the relation shard is on another node).
 """
@@ -101,7 +102,8 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
         for w in range(0, len(served), exchange_every):
             window = served[w:w + exchange_every]
             other_nodes = set().union(*(n for n, _, _ in window))
-            waiting = touched[-2] if len(touched) >= 2 else set()  # pushes of the window before the last
+            lag = 2 if exchange_every == 1 else 3
+            waiting = touched[-lag] if len(touched) >= lag else set()  # pushes of an earlier window
             server_calls += len(other_nodes) + len(waiting - other_nodes)
             touched.append(other_nodes)
             server_rows += sum(len(torch.cat([x[i] for x in window]).unique()) for i in (1, 2))

@@ -82,7 +82,7 @@ class DistConfig:
     cross_node_rows: Literal["server", "trainer"] = "server"
     #: async mode, node servers: steps per exchange with another node (one pull for all their rows there, one
     #: push of their summed gradients; bikd/ray/node_exchange.py): cuts calls per step by this factor, and
-    #: those rows are up to this many steps staler
+    #: those rows are up to ~3x this many steps staler (the next window is pulled while one runs)
     exchange_every: int = 1
 
     def __post_init__(self):
@@ -291,14 +291,16 @@ class KGETrainer(_RowServer):
     def _prepare(self) -> tuple | None:
         """The next step, planned, its pulls of rows that live on other nodes sent (they travel meanwhile);
         None once the epoch is done. Steps are planned a window at a time (``exchange_every``)."""
-        if not self.queue:
-            if self.batches.epoch != self.target_epoch:
-                self.exchange.flush()
-                return None
-            if torch.get_num_threads() != self.num_threads:
-                # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
-                torch.set_num_threads(self.num_threads)
-            size = self.exchange_every if self.exchange.active else 1
+        if not self.queue and self.batches.epoch != self.target_epoch:
+            self.exchange.flush()
+            return None
+        if torch.get_num_threads() != self.num_threads:
+            # methods of a threaded actor run on pool threads, and OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.num_threads)
+        size = self.exchange_every if self.exchange.active else 1
+        # windows of several steps: the next window is opened when this one starts, so that its (larger) pull
+        # has a whole window of steps to arrive in (its rows are up to two windows staler)
+        while len(self.queue) <= (size if size > 1 else 0) and self.batches.epoch == self.target_epoch:
             steps = []
             while len(steps) < size and self.batches.epoch == self.target_epoch:
                 steps.append(self._plan())

@@ -59,16 +59,17 @@ def test_each_partition_on_its_own_node():
                 sharded.shutdown()
         assert torch.equal(snaps[0].entity, snaps[1].entity) and torch.equal(snaps[0].relation, snaps[1].relation)
         assert calls[0] <= 2 < calls[1] <= 4, calls
-        # async, 4 steps per exchange: one pull and one push per window; the pushes land (the other node's rows
-        # change though only this node's trainer trains) and training still learns
-        sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(), DistConfig(num_parts=2, exchange_every=4))
+        # async, 2 steps per exchange (trainer 0 has 4 steps an epoch: 2 windows, both opened at the start, so the
+        # first window's push goes alone): one pull and one push per window; the pushes land (the other node's
+        # rows change though only this node's trainer trains) and training still learns
+        sharded = ShardedKGE(kg.train, kg.num_entities, kg.num_relations, cfg(), DistConfig(num_parts=2, exchange_every=2))
         try:
             other = sharded.entity_ids[1]
             before, counts = sharded.snapshot().entity[other], ray.get(sharded.trainers[0].counters.remote())
             ray.get(sharded.trainers[0].run_epoch.remote())
             steps, calls, _ = (a - b for a, b in zip(ray.get(sharded.trainers[0].counters.remote()), counts))
             changed = (sharded.snapshot().entity[other] != before).any(dim=1).float().mean().item()
-            assert changed > 0.5 and calls <= steps / 4 + 2, (changed, steps, calls)
+            assert changed > 0.5 and steps >= 4 and calls <= steps, (changed, steps, calls)
             stats = [sharded.train_epoch() for _ in range(3)]
             assert stats[-1]["loss"] < stats[0]["loss"], stats
         finally:
