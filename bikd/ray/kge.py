@@ -3,8 +3,7 @@
 - One ``KGETrainer`` actor per METIS partition owns that partition's entity rows with their sparse
   optimiser state (it is the partition's embedding shard: DGL-KE's KVStore server and trainer in one
   process, so the partition-local part of every step never leaves it) and trains on the triples whose
-  head it owns. Rows of other partitions are pulled from their owners and the gradients pushed back, one
-  call per remote partition per step. With ``negatives="local"`` the negatives are drawn from the partition's own entities
+  head it owns. Rows of other partitions are read where they are (below) and their gradients sent back. With ``negatives="local"`` the negatives are drawn from the partition's own entities
   (PyTorch-BigGraph's setting), so only the cut edges' tails travel; the default draws them from all
   entities, as a single process does (local negatives cost quality on small graphs).
 - An ``EmbeddingShard`` actor owns the relation table and its optimiser state.
@@ -12,8 +11,10 @@
   rows in shared memory (:mod:`bikd.kge.shared`) and the trainers of its node read and update them in place,
   as DGL-KE's trainers do with a machine's shared-memory embeddings; only rows on other nodes travel.
 - Other nodes (``DistConfig.cross_node_rows="server"``, the default): each node's
-  :class:`~bikd.ray.node_server.NodeServer` maps that node's shared shards and answers other nodes' trainers,
-  one pull and one push per other node a step touches (DGL-KE's per-machine KVStore server).
+  :class:`~bikd.ray.node_server.NodeServer` maps that node's shared shards and answers other nodes' trainers
+  (DGL-KE's per-machine KVStore server): one pull per other node a step (or a window of
+  ``DistConfig.exchange_every`` steps) touches, the push of an earlier one riding on it
+  (:mod:`bikd.ray.node_exchange`).
 - Each trainer is placed on a node of its own (node-affinity scheduling) among the nodes that have every
   resource of ``DistConfig.resources_per_trainer`` (e.g. ``{kge: 1}`` for nodes started with
   ``--resources='{"kge": 1}'``; none: every node with CPUs); the relation shard sits on the first.
@@ -299,7 +300,7 @@ class KGETrainer(_RowServer):
             torch.set_num_threads(self.num_threads)
         size = self.exchange_every if self.exchange.active else 1
         # windows of several steps: the next window is opened when this one starts, so that its (larger) pull
-        # has a whole window of steps to arrive in (its rows are up to two windows staler)
+        # has a whole window of steps to arrive in (its rows are up to ~3 windows staler)
         while len(self.queue) <= (size if size > 1 else 0) and self.batches.epoch == self.target_epoch:
             steps = []
             while len(steps) < size and self.batches.epoch == self.target_epoch:
