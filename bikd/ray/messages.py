@@ -89,8 +89,9 @@ class NodeShards:
 
 #: bytes per piece of a node-server message's floats: Ray sends an argument or return value up to
 #: ``max_direct_call_object_size`` (100 KiB by default) inside the call's RPC, larger ones through the object
-#: store, which between nodes cost ~7 ms per call here against ~2 ms for the same rows in pieces
-#: (bench/kge_scaling.py times both)
+#: store, which between 2 simulated nodes here took 7-9 ms for a 580-row pull against ~2 ms in pieces (a
+#: microbenchmark when this was written; bench/kge_scaling.py times the whole step both ways: node servers
+#: send pieces, ``cross_node_rows="trainer"`` one object)
 PIECE_BYTES = 90_000
 _PIECE_FLOATS = PIECE_BYTES // 4
 
