@@ -49,10 +49,13 @@ class StepTraffic:
     parts_per_node: int = 1
     remote_nodes_per_step: float = 0.0
     server_calls_per_step: float = 0.0
-    #: the node-server calls, were every push sent alone (as in sync mode): one pull and one push per other node
-    server_calls_per_step_unpaired: float = 0.0
     server_rows_per_step: float = 0.0
     exchange_every: int = 1
+
+    @property
+    def server_calls_per_step_unpaired(self) -> float:
+        """The node-server calls, were every push sent alone (as in sync mode): one pull and one push per other node."""
+        return 2 * self.remote_nodes_per_step
 
 
 def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETrainConfig, *, entity_width: int,
@@ -64,7 +67,7 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
     assert negatives in ("global", "local"), negatives
     owner = partitioning.entity_part
     node_of = owner // parts_per_node
-    local = remote = rel = parts = calls = nbytes = nodes = server_calls = unpaired = server_rows = 0.0
+    local = remote = rel = parts = calls = nbytes = nodes = server_calls = server_rows = 0.0
     count = 0
     for p in range(partitioning.num_parts):
         mine = partitioning.triples[partitioning.triples_of(p)]
@@ -88,7 +91,6 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
             n_parts = len(set(where[elsewhere].tolist()))
             other_nodes = set(node_of[plan.entity_ids][elsewhere].tolist()) | ({0} if node != 0 else set())
             nodes += len(other_nodes)
-            unpaired += 2 * len(other_nodes)  # one pull and one push per other node (relations ride along)
             travel = plan.relation_ids if node != 0 else plan.relation_ids[:0]
             served.append((other_nodes, plan.entity_ids[elsewhere], travel))
             local += len(plan.entity_ids) - n_remote
@@ -112,5 +114,5 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
                        remote_rows_per_step=remote / count, relation_rows_per_step=rel / count,
                        remote_parts_per_step=parts / count, calls_per_step=calls / count, bytes_per_step=nbytes / count,
                        parts_per_node=parts_per_node, remote_nodes_per_step=nodes / count,
-                       server_calls_per_step=server_calls / count, server_calls_per_step_unpaired=unpaired / count,
+                       server_calls_per_step=server_calls / count,
                        server_rows_per_step=server_rows / count, exchange_every=exchange_every)

@@ -44,7 +44,6 @@ class _Pull:
 class _Window:
     pulls: dict[str, _Pull]
     steps_left: int  # steps not applied yet
-    step: int = 0  # the trainer step that opened it (the messages' version)
 
 
 @dataclass
@@ -80,7 +79,7 @@ class NodeExchange:
     def open(self, steps: list[tuple[torch.Tensor, torch.Tensor, list]], version: int) -> list[Ticket]:
         """A window for ``steps``: per step (entity ids (U_e,), relation ids (U_r,), groups [(partition,
         positions in the step)]); sends one pull per node the window touches, returns each step's ticket."""
-        window = _Window(pulls={}, steps_left=len(steps), step=version)
+        window = _Window(pulls={}, steps_left=len(steps))
         tickets = [Ticket(window=window) for _ in steps]
         by_node: dict[str, list] = {}  # node -> [(step index, positions in the step, ids)]
         for i, (entity_ids, _, groups) in enumerate(steps):
@@ -93,17 +92,13 @@ class NodeExchange:
             ids = torch.cat([ids for *_, ids in items]) if items else torch.empty(0, dtype=torch.long)
             union, where = _grouped_union(ids, self.owner)
             parts, sizes = torch.unique_consecutive(self.owner[union], return_counts=True)
-            start = 0
-            for i, pos, step_ids in items:
-                tickets[i].entity[node] = (pos, where[start:start + len(step_ids)])
-                start += len(step_ids)
+            for (i, pos, _), step_where in zip(items, where.split([len(ids) for *_, ids in items])):
+                tickets[i].entity[node] = (pos, step_where)
             relation_ids = None
             if node == self.relation_node:
                 relation_ids, inverse = torch.unique(torch.cat([rel for _, rel, _ in steps]), return_inverse=True)
-                start = 0
-                for i, (_, rel, _) in enumerate(steps):
-                    tickets[i].relation = inverse[start:start + len(rel)]
-                    start += len(rel)
+                for ticket, step_inverse in zip(tickets, inverse.split([len(rel) for _, rel, _ in steps])):
+                    ticket.relation = step_inverse
             floats = len(union) * self.entity_width + (0 if relation_ids is None else len(relation_ids) * self.relation_width)
             msg = NodePull(version=version, parts=tuple(parts.tolist()), sizes=tuple(sizes.tolist()), ids=array(union),
                            relation_ids=None if relation_ids is None else array(relation_ids), num_pieces=num_pieces(floats))
