@@ -87,9 +87,11 @@ def layout_key(num_parts: int, per_node: int, neg: str, every: int = 1) -> str:
 
 def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "server", only_first: bool = False,
                negatives: str = "global", every: int = 1) -> dict:
-    """Positives/s of the async Ray path (median of timed epochs after one warm-up), its calls per step and the
-    rows a call pulls. ``only_first``: only partition 0's trainer trains; the others just hold their rows (their
-    node's server, or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on)."""
+    """Positives/s of the async Ray path (median of timed epochs after one warm-up) and its calls per step.
+    ``only_first``: only partition 0's trainer trains; the others just hold their rows (their node's server,
+    or with ``cross="trainer"`` the idle trainer itself, answers on a core nobody trains on); then also the
+    trainer's rows pulled, its thread's time in the node exchange per step, and the other node's server's
+    calls, rows and CPU time."""
     import ray
 
     from bikd.ray.kge import DistConfig
@@ -101,20 +103,35 @@ def ray_epochs(kg, args, parts: int, rows: str, cpus: float, cross: str = "serve
     try:
         if only_first:
             first = sharded.trainers[0]
+            here = ray.get(first.node_id.remote())
+            servers = [s for node, group in sharded.servers.items() if node != here for s in group]
             stats = []
             for _ in range(1 + args.ray_epochs):
-                before = ray.get(first.counters.remote())
+                before, served = ray.get(first.counters.remote()), ray.get([s.counters.remote() for s in servers])
                 epoch = ray.get(first.run_epoch.remote())
-                steps, calls, pulled = (a - b for a, b in zip(ray.get(first.counters.remote()), before))
-                stats.append({"triples_per_s": epoch["triples"] / epoch["seconds"], "calls_per_step": calls / max(steps, 1),
-                              "rows_per_call": pulled / max(calls, 1)})
+                d = ray.get(first.counters.remote()) - before
+                steps = max(d.steps, 1)
+                stat = {"triples_per_s": epoch["triples"] / epoch["seconds"], "calls_per_step": d.calls / steps,
+                        "rows_per_step": d.rows_pulled / steps, "exchange_ms_per_step": d.exchange_s / steps * 1e3}
+                if servers:
+                    sd = ray.get(servers[0].counters.remote()) - served[0]
+                    stat |= {"server_rows_per_call": sd.rows / max(sd.calls, 1),
+                             "server_cpu_ms_per_call": sd.cpu_s / max(sd.calls, 1) * 1e3}
+                stats.append(stat)
             stats = stats[1:]
         else:
             stats = [sharded.train_epoch() for _ in range(1 + args.ray_epochs)][1:]
     finally:
         sharded.shutdown()
-    return {"pos_per_s": statistics.median(s["triples_per_s"] for s in stats), "calls_per_step": stats[-1]["calls_per_step"],
-            "rows_per_call": stats[-1].get("rows_per_call"), "epochs_pos_per_s": [s["triples_per_s"] for s in stats]}
+    out = {"pos_per_s": statistics.median(s["triples_per_s"] for s in stats),
+           "epochs_pos_per_s": [s["triples_per_s"] for s in stats]}
+    return out | {k: statistics.median(s[k] for s in stats) for k in stats[0] if k != "triples_per_s"}
+
+
+#: the idle-peer runs through node servers: (negatives, steps per exchange) -> setting; their exchange costs
+#: are what the model is fitted to (global negatives pull many rows a call, local ones few; windows cut calls)
+IDLE_PEER = {(neg, every): "ray_2nodes_idle_peer" + ("_local_neg" if neg == "local" else "") + (f"_every{every}" if every > 1 else "")
+             for neg in ("global", "local") for every in (1, 4, 8)}
 
 
 def timed(kg, args) -> dict:
@@ -140,11 +157,8 @@ def timed(kg, args) -> dict:
             ray.init(address=cluster.address, log_to_driver=False)
             runs.setdefault("ray_2nodes", []).append(ray_epochs(kg, args, 2, "shared", 1.0))
             runs.setdefault("ray_2nodes_trainer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer"))
-            runs.setdefault("ray_2nodes_idle_peer", []).append(ray_epochs(kg, args, 2, "shared", 1.0, only_first=True))
-            runs.setdefault("ray_2nodes_idle_peer_local_neg", []).append(
-                ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, negatives="local"))
-            runs.setdefault("ray_2nodes_idle_peer_every4", []).append(
-                ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, every=4))
+            for (neg, every), key in IDLE_PEER.items():
+                runs.setdefault(key, []).append(ray_epochs(kg, args, 2, "shared", 1.0, only_first=True, negatives=neg, every=every))
             runs.setdefault("ray_2nodes_idle_peer_trainer", []).append(
                 ray_epochs(kg, args, 2, "shared", 1.0, cross="trainer", only_first=True))
         finally:
@@ -154,50 +168,69 @@ def timed(kg, args) -> dict:
     return runs
 
 
-def per_call_cost(measured: dict) -> tuple[float, float]:
-    """(ms per call, ms per row of ``--dim`` floats) a trainer step loses to its node-server calls, fitted to the
-    two idle-peer runs (global negatives: many rows a call; local: few): each run's overhead per step over its
-    calls per step is one point (rows a call pulled, ms a call)."""
-    points = [(measured[f"rows_per_call_2node_idle_peer{k}"],
-               measured[f"overhead_ms_per_step_2node_idle_peer{k}"] / measured[f"calls_per_step_2node_idle_peer{k}_measured"])
-              for k in ("", "_local_neg")]
-    (rows_g, ms_g), (rows_l, ms_l) = points
-    per_row = max(0.0, (ms_g - ms_l) / (rows_g - rows_l))
-    return max(0.0, ms_l - per_row * rows_l), per_row
+def fit(points: list[tuple[list[float], float]]) -> list[float]:
+    """Least squares, non-negative by clipping: coefficients of ``y = sum(c_i * x_i)`` over (x, y) points."""
+    import numpy as np
+
+    x, y = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    return [max(0.0, float(c)) for c in np.linalg.lstsq(x, y, rcond=None)[0]]
 
 
-def model(measured: dict, counts: dict, args) -> dict:
+def exchange_fit(idle: dict) -> dict:
+    """The exchange's cost, fitted to the six idle-peer runs (medians), each a point: per step, per call and per
+    row (of ``--dim`` floats) pulled, for (1) the trainer thread's measured time in the exchange (what a step
+    pays where Ray's threads and the server have cores of their own) and (2) the step's measured overhead over
+    LocalTrainer at 1 thread (the same plus this 2-core machine's contention); and the serving process's CPU
+    per call, per call and per row served (pulled and pushed)."""
+    def per_step(target: str) -> list[float]:
+        return fit([([1.0, r["calls_per_step"], r["rows_per_step"]], r[target]) for r in idle.values()])
+
+    out = {"exchange": per_step("exchange_ms_per_step"), "overhead": per_step("overhead_ms_per_step"),
+           "server": fit([([1.0, r["server_rows_per_call"]], r["server_cpu_ms_per_call"]) for r in idle.values()])}
+    for key, r in idle.items():  # how well each run is predicted by the fit made from all six
+        for name, target in (("exchange", "exchange_ms_per_step"), ("overhead", "overhead_ms_per_step")):
+            s, c, row = out[name]
+            r[f"{name}_predicted"] = s + c * r["calls_per_step"] + row * r["rows_per_step"]
+    return out
+
+
+def model(fitted: dict, counts: dict, local_ms_2thread: float, args) -> dict:
     """Memory per partition and the exchange per step against compute, for each dataset at 4 partitions and
     at 16 (one per node, or 4 nodes of 4).
 
-    A step's exchange is what a trainer step loses to its node-server calls, per call plus per row (fitted to
-    two measured runs on 2 simulated nodes with the serving node's core free, ``per_call_cost``: what a cluster
-    node with a core for its server pays, serialisation, loopback transfer and the prefetch's overlap
-    included), for the calls and rows counted for the layout, the rows scaled by width; plus the pulled bytes
-    over an assumed link. Calls to different nodes are charged one after another (they in fact run
-    concurrently). Compute is LocalTrainer's measured step at 2 threads, scaled by dim."""
+    A step's exchange is the fitted cost (``exchange_fit``) of the calls and rows counted for the layout, the
+    rows scaled by width: per step + calls x per call + rows x per row; the pulls are sent a step (a window)
+    ahead, so the bytes' time on an assumed link is charged only where it exceeds the compute it overlaps. The
+    same with the fit to step overheads gives the 2-core machine's figure. A node's servers answer every
+    trainer on the other nodes: parts per node x calls per step x CPU per call (its rows pulled and pushed),
+    over a step's compute, is the cores they keep busy (``server_cores``; each server process is one core's
+    worth of Python, so a node needs ``DistConfig.servers_per_node`` >= that). Compute is LocalTrainer's
+    measured step at 2 threads, scaled by dim."""
     out = {}
-    per_call_ms, per_row_ms = per_call_cost(measured)
+    (s, c, r), (s2, c2, r2), (a, b) = fitted["exchange"], fitted["overhead"], fitted["server"]
     for name, (num_ent, num_rel, num_triples, dim) in DATASETS.items():
         for num_parts, per_node, every in MODEL_LAYOUTS:
             for neg in ("global", "local"):
                 key = layout_key(num_parts, per_node, neg, every)
-                c = counts[key]
+                cnt = counts[key]
                 # a step's shape is the batch's, not the graph's: the counted rows per step carry over; the
                 # remote share is FB15k-237's METIS cut (dense, so hard to cut: an upper bound for sparser graphs)
-                rows = c["server_rows_per_step"]
+                rows, calls, scale = cnt["server_rows_per_step"], cnt["server_calls_per_step"], dim / args.dim
                 pull_mb = rows * 4 * dim / 1e6
-                exchange_ms = (per_call_ms * c["server_calls_per_step"] + per_row_ms * rows * dim / args.dim
-                               + pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3)
-                compute_ms = measured["local_ms_per_step_2thread"] * dim / args.dim
+                compute_ms = local_ms_2thread * scale
+                wire_ms = max(0.0, pull_mb / (NETWORK_GBPS / 8 * 1e3) * 1e3 - compute_ms)
+                exchange_ms = s + c * calls + r * rows * scale + wire_ms
+                contended_ms = s2 + c2 * calls + r2 * rows * scale + wire_ms
+                served_ms = per_node * calls * (a + b * 2 * rows / max(calls, 1e-9) * scale)
                 out[f"{name}_{key}"] = {
                     "entities": num_ent, "relations": num_rel, "triples": num_triples, "dim": dim,
                     "num_parts": num_parts, "parts_per_node": per_node, "exchange_every": every, "negatives": neg,
                     # rows and row-wise Adagrad state (one float per row), and the partition's triples (int64)
                     "memory_gb_per_part": (num_ent / num_parts * (dim + 1) * 4 + num_triples / num_parts * 3 * 8) / 1e9,
-                    "remote_rows_per_step": c["remote_rows_per_step"], "server_calls_per_step": c["server_calls_per_step"],
-                    "pull_mb_per_step": pull_mb, "exchange_ms_per_step": exchange_ms,
-                    "compute_ms_per_step": compute_ms, "exchange_vs_compute": exchange_ms / compute_ms}
+                    "remote_rows_per_step": cnt["remote_rows_per_step"], "server_calls_per_step": calls,
+                    "pull_mb_per_step": pull_mb, "exposed_wire_ms_per_step": wire_ms, "exchange_ms_per_step": exchange_ms,
+                    "compute_ms_per_step": compute_ms, "exchange_vs_compute": exchange_ms / compute_ms,
+                    "exchange_vs_compute_2core": contended_ms / compute_ms, "server_cores": served_ms / compute_ms}
     return out
 
 
@@ -224,21 +257,34 @@ def tables(result: dict) -> str:
     for k, v in med.items():
         base = "local_2thread" if training_trainers(k) == 2 or k == "local_2thread" else "local_1thread"
         calls = statistics.median(r["calls_per_step"] for r in d["runs"][k]) if k.startswith("ray") else 0
-        lines.append(f"| {k} | {v:,.0f} | {v / med[base]:.2f}x ({base}) | {training_trainers(k) * 1024 / v * 1e3:.1f} | {calls:.1f} |")
+        lines.append(f"| {k} | {v:,.0f} | {v / med[base]:.2f}x ({base}) | {training_trainers(k) * 1024 / v * 1e3:.1f} | {calls:.2f} |")
+    lines += ["", "| idle-peer run | calls / step | rows pulled / step | exchange ms / step (trainer thread) | fit | "
+              "step overhead ms (vs LocalTrainer 1 thread) | fit | server rows / call | server CPU ms / call |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, r in d["idle_peer"].items():
+        lines.append(f"| {k.removeprefix('ray_2nodes_idle_peer').lstrip('_') or 'global, every step'} | {r['calls_per_step']:.2f} | "
+                     f"{r['rows_per_step']:,.0f} | {r['exchange_ms_per_step']:.2f} | {r['exchange_predicted']:.2f} | "
+                     f"{r['overhead_ms_per_step']:.2f} | {r['overhead_predicted']:.2f} | {r['server_rows_per_call']:,.0f} | "
+                     f"{r['server_cpu_ms_per_call']:.2f} |")
     lines += ["", "| graph | parts | per node | steps per exchange | negatives | entities | dim | GB per partition | "
-              "pulled MB / step | server calls / step | exchange ms / step | compute ms / step | exchange / compute |",
-              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "pulled MB / step | server calls / step | exchange ms / step | compute ms / step | exchange / compute | "
+              "same, 2-core fit | node server cores |",
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in d["model"].items():
         lines.append(f"| {key.split('_')[0]} | {r['num_parts']} | {r['parts_per_node']} | {r['exchange_every']} | {r['negatives']} | "
                      f"{r['entities']:,} | "
                      f"{r['dim']} | {r['memory_gb_per_part']:.2f} | {r['pull_mb_per_step']:.2f} | {r['server_calls_per_step']:.2f} | "
-                     f"{r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | {r['exchange_vs_compute']:.0%} |")
+                     f"{r['exchange_ms_per_step']:.1f} | {r['compute_ms_per_step']:.1f} | {r['exchange_vs_compute']:.0%} | "
+                     f"{r['exchange_vs_compute_2core']:.0%} | {r['server_cores']:.1f} |")
     lines += ["", f"(from `{result['benchmark']}` at commit {result['commit']}, {result['date']}; load average "
               f"{result.get('loadavg_start')} -> {result.get('loadavg_end')}; "
-              f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f}; fitted cost {m['per_call_ms_fitted']:.2f} ms per call + "
-              f"{m['per_row_ms_fitted'] * 1e3:.2f} us per row; exchanging every 4 steps, 2 nodes: "
-              f"{m['overhead_ms_per_step_2node_idle_peer_every4']:.2f} ms per step measured, "
-              f"{m['predicted_overhead_ms_per_step_2node_idle_peer_every4']:.2f} predicted)"]
+              f"ray_2trainers_vs_local {m['ray_2trainers_vs_local']:.2f}; fitted exchange on the trainer thread "
+              f"{m['exchange_per_step_ms_fitted']:.2f} ms per step + {m['exchange_per_call_ms_fitted']:.2f} ms per call + "
+              f"{m['exchange_per_row_ms_fitted'] * 1e3:.2f} us per row (worst run {m['exchange_fit_max_rel_error']:.0%} off); "
+              f"2-core step overhead {m['overhead_per_step_ms_fitted']:.2f} + {m['overhead_per_call_ms_fitted']:.2f} per call + "
+              f"{m['overhead_per_row_ms_fitted'] * 1e3:.2f} us per row (worst {m['overhead_fit_max_rel_error']:.0%} off); "
+              f"node server {m['server_per_call_ms_fitted']:.2f} ms CPU per call + {m['server_per_row_ms_fitted'] * 1e3:.2f} us "
+              f"per row served)"]
     return "\n".join(lines)
 
 
@@ -270,27 +316,17 @@ def main() -> None:
     ms = {k: args.batch_size / v * 1e3 for k, v in med.items()}  # ms per step of ONE trainer
     trainer_ms = {k: ms[k] * training_trainers(k) for k in ms}  # 2 trainers share the rate
     calls = {k: statistics.median(r["calls_per_step"] for r in v) for k, v in runs.items() if k.startswith("ray")}
-    rows_per_call = {k: statistics.median(r["rows_per_call"] for r in v) for k, v in runs.items() if "idle_peer" in k}
+    # the idle-peer runs' medians, each with its step's overhead over LocalTrainer at 1 thread
+    idle = {key: {m: statistics.median(r[m] for r in runs[key]) for m in runs[key][0] if m != "epochs_pos_per_s"}
+            | {"overhead_ms_per_step": trainer_ms[key] - ms["local_1thread"]} for key in IDLE_PEER.values()}
+    fitted = exchange_fit(idle)
     metrics = {
         "overhead_ms_per_step_1node": trainer_ms["ray_1trainer"] - ms["local_1thread"],
         "overhead_ms_per_step_2node": trainer_ms["ray_2nodes"] - ms["local_1thread"],
         "overhead_ms_per_step_2node_trainer": trainer_ms["ray_2nodes_trainer"] - ms["local_1thread"],
-        "overhead_ms_per_step_2node_idle_peer": trainer_ms["ray_2nodes_idle_peer"] - ms["local_1thread"],
         "overhead_ms_per_step_2node_idle_peer_trainer": trainer_ms["ray_2nodes_idle_peer_trainer"] - ms["local_1thread"],
         "calls_per_step_2node_measured": calls["ray_2nodes"],
         "calls_per_step_2node_trainer_measured": calls["ray_2nodes_trainer"],
-        "calls_per_step_2node_idle_peer_measured": calls["ray_2nodes_idle_peer"],
-        "overhead_ms_per_step_2node_idle_peer_local_neg": trainer_ms["ray_2nodes_idle_peer_local_neg"] - ms["local_1thread"],
-        "calls_per_step_2node_idle_peer_local_neg_measured": calls["ray_2nodes_idle_peer_local_neg"],
-        "rows_per_call_2node_idle_peer": rows_per_call["ray_2nodes_idle_peer"],
-        "rows_per_call_2node_idle_peer_local_neg": rows_per_call["ray_2nodes_idle_peer_local_neg"],
-        "overhead_ms_per_step_2node_idle_peer_every4": trainer_ms["ray_2nodes_idle_peer_every4"] - ms["local_1thread"],
-        "calls_per_step_2node_idle_peer_every4_measured": calls["ray_2nodes_idle_peer_every4"],
-        "rows_per_call_2node_idle_peer_every4": rows_per_call["ray_2nodes_idle_peer_every4"],
-        "ray_2nodes_idle_peer_vs_local_1thread": med["ray_2nodes_idle_peer"] / med["local_1thread"],
-        "ray_2nodes_idle_peer_every4_vs_local_1thread": med["ray_2nodes_idle_peer_every4"] / med["local_1thread"],
-        "server_calls_per_step_16part_local": counts["16part_local"]["server_calls_per_step"],
-        "server_calls_per_step_16part_4pernode_local": counts["16part_4pernode_local"]["server_calls_per_step"],
         "overhead_ms_per_step_2trainers_shared": trainer_ms["ray_2trainers_shared"] - ms["local_1thread"],
         "overhead_ms_per_step_2trainers_calls": trainer_ms["ray_2trainers_calls"] - ms["local_1thread"],
         "remote_rows_per_step_2part": counts["2part_global"]["remote_rows_per_step"],
@@ -298,6 +334,8 @@ def main() -> None:
         "remote_rows_per_step_16part": counts["16part_global"]["remote_rows_per_step"],
         "remote_rows_per_step_4part_local_neg": counts["4part_local"]["remote_rows_per_step"],
         "calls_per_step_4part": counts["4part_global"]["calls_per_step"],
+        "server_calls_per_step_16part_local": counts["16part_local"]["server_calls_per_step"],
+        "server_calls_per_step_16part_4pernode_local": counts["16part_4pernode_local"]["server_calls_per_step"],
         "ray_2trainers_vs_local": med["ray_2trainers_shared"] / med["local_2thread"],
         "ray_2trainers_calls_vs_local": med["ray_2trainers_calls"] / med["local_2thread"],
         "ray_2nodes_vs_local": med["ray_2nodes"] / med["local_2thread"],
@@ -305,21 +343,29 @@ def main() -> None:
         "local_ms_per_step_1thread": ms["local_1thread"],
         "local_ms_per_step_2thread": ms["local_2thread"],
     }
-    metrics["per_call_ms_fitted"], metrics["per_row_ms_fitted"] = per_call_cost(metrics)
-    # the check: the fit (made with one exchange per step) predicts the run that exchanges every 4 steps
-    every4 = metrics["calls_per_step_2node_idle_peer_every4_measured"]
-    metrics["predicted_overhead_ms_per_step_2node_idle_peer_every4"] = every4 * (
-        metrics["per_call_ms_fitted"] + metrics["per_row_ms_fitted"] * metrics["rows_per_call_2node_idle_peer_every4"])
-    scaled = model(metrics, counts, args)
+    for key, r in idle.items():
+        name = key.removeprefix("ray_")
+        metrics[f"{name}_vs_local_1thread"] = med[key] / med["local_1thread"]
+        metrics |= {f"{m}_{name}": r[m] for m in ("overhead_ms_per_step", "exchange_ms_per_step", "exchange_predicted",
+                                                   "overhead_predicted", "calls_per_step", "rows_per_step",
+                                                   "server_cpu_ms_per_call", "server_rows_per_call")}
+    for name, coefs in fitted.items():
+        labels = ("per_call", "per_row") if name == "server" else ("per_step", "per_call", "per_row")
+        metrics |= {f"{name}_{label}_ms_fitted": v for label, v in zip(labels, coefs)}
+    # the worst of the six runs against the fit made from all of them
+    metrics["exchange_fit_max_rel_error"] = max(abs(r["exchange_predicted"] / r["exchange_ms_per_step"] - 1) for r in idle.values())
+    metrics["overhead_fit_max_rel_error"] = max(abs(r["overhead_predicted"] / r["overhead_ms_per_step"] - 1) for r in idle.values())
+    scaled = model(fitted, counts, ms["local_2thread"], args)
     for key in ("wikidata5m_16part_global", "freebase_16part_global", "freebase_16part_local",
                 "freebase_16part_4pernode_global", "freebase_16part_4pernode_local", "freebase_16part_4pernode_every4_global",
                 "freebase_16part_4pernode_every4_local", "freebase_16part_4pernode_every8_global",
                 "freebase_16part_4pernode_every8_local"):
-        metrics[f"{key}_exchange_vs_compute"] = scaled[key]["exchange_vs_compute"]
-        metrics[f"{key}_memory_gb_per_part"] = scaled[key]["memory_gb_per_part"]
+        for m in ("exchange_vs_compute", "exchange_vs_compute_2core", "server_cores", "memory_gb_per_part"):
+            metrics[f"{key}_{m}"] = scaled[key][m]
     for k, v in metrics.items():
         print(f"{k}: {v:.4g}")
-    path = run.write(metrics, {"counts": counts, "runs": runs, "medians_pos_per_s": med, "model": scaled,
+    path = run.write(metrics, {"counts": counts, "runs": runs, "medians_pos_per_s": med, "idle_peer": idle,
+                               "fitted": fitted, "model": scaled,
                                "network_gbps_assumed": NETWORK_GBPS, "datasets_quoted": DATASETS,
                                "timed_seconds": time.perf_counter() - t0})
     print(tables(json.loads(Path(path).read_text())))

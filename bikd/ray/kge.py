@@ -49,7 +49,7 @@ from bikd.kge.sampling import BatchIterator, NegativeSampler, degrees_from_tripl
 from bikd.kge.shard import ShardState
 from bikd.kge.shared import SharedLayout, attach, can_share, share, shm_root, unlink
 from bikd.kge.training import KGETrainConfig, TrainingTriples, plan_step, step_gradients
-from bikd.ray.messages import AddTriples, Peers, PullRequest, PushGrads, Rows, array, tensor
+from bikd.ray.messages import AddTriples, Counters, Peers, PullRequest, PushGrads, Rows, array, tensor
 from bikd.ray.node_exchange import NodeExchange
 from bikd.manifest import read_listed, sha256_hex
 from bikd.storage import Storage
@@ -85,6 +85,10 @@ class DistConfig:
     #: push of their summed gradients; bikd/ray/node_exchange.py): cuts calls per step by this factor, and
     #: those rows are up to ~3x this many steps staler (the next window is pulled while one runs)
     exchange_every: int = 1
+    #: node server processes per node (DGL-KE's servers per machine): a server is one process, one core's worth
+    #: of Python, answering every trainer of the other nodes; trainers spread their calls over a node's servers
+    #: by partition (bench/kge_scaling.py models their load). Each needs a core the trainers do not use.
+    servers_per_node: int = 1
 
     def __post_init__(self):
         if any(not v > 0 for v in self.resources_per_trainer.values()):
@@ -101,6 +105,8 @@ class DistConfig:
             raise ValueError(f"dist.same_node_rows must be 'shared' or 'calls', got {self.same_node_rows!r}")
         if self.cross_node_rows not in ("server", "trainer"):
             raise ValueError(f"dist.cross_node_rows must be 'server' or 'trainer', got {self.cross_node_rows!r}")
+        if self.servers_per_node < 1:
+            raise ValueError(f"dist.servers_per_node must be >= 1, got {self.servers_per_node}")
         if self.exchange_every < 1:
             raise ValueError(f"dist.exchange_every must be >= 1, got {self.exchange_every}")
         if self.mode == "sync" and self.exchange_every != 1:
@@ -266,7 +272,8 @@ class KGETrainer(_RowServer):
         self.relation_rows = None
         if node == here and layout is not None:
             self.relation_rows = attach(layout, torch.arange(self.num_relations), self.cfg.optimizer, interaction, "relation")
-        servers = dict(msg.servers or {})
+        # a node's servers share its callers: this trainer always calls the same one (its partition picks it)
+        servers = {n: group[self.part % len(group)] for n, group in (msg.servers or {}).items()}
         #: partition -> the node whose server has its rows (shared shards on other nodes with a server)
         self.served = {p: n for p, (n, lay) in enumerate(msg.layouts) if n != here and lay is not None and n in servers}
         self.relation_node = node if node != here and layout is not None and node in servers else None
@@ -274,10 +281,11 @@ class KGETrainer(_RowServer):
         self.exchange.connect(servers, self.served, self.relation_node, relation_width)
         self.queue.clear()
 
-    def counters(self) -> tuple[int, int, int]:
-        """(steps, actor calls made for them, rows those calls pulled) so far: the exchange the bench reports."""
-        return (self.step_count, self.num_calls + self.exchange.num_calls,
-                self.num_rows_pulled + self.exchange.num_rows)
+    def counters(self) -> Counters:
+        """Steps so far and their exchange: what the bench reports."""
+        return Counters(steps=self.step_count, calls=self.num_calls + self.exchange.num_calls,
+                        rows_pulled=self.num_rows_pulled + self.exchange.num_rows,
+                        exchange_s=self.exchange.seconds)
 
     # --- the trainer side ------------------------------------------------------------------------------
     def begin_epoch(self) -> int:

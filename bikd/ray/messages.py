@@ -60,6 +60,31 @@ class Snapshot:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Counters:
+    """A trainer's running totals (``KGETrainer.counters``); subtract two for what happened in between."""
+
+    steps: int
+    calls: int  # actor calls made for rows of other trainers, shards or nodes
+    rows_pulled: int  # rows those calls pulled
+    exchange_s: float = 0.0  # the trainer thread's time in the node exchange's methods (waits included)
+
+    def __sub__(self, other: "Counters") -> "Counters":
+        return Counters(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerCounters:
+    """A node server's running totals (``NodeServer.counters``): what serving the other nodes costs it."""
+
+    calls: int  # pulls, pushes and exchanges (a push riding on a pull counts once)
+    rows: int  # rows read and rows updated
+    cpu_s: float  # its process's CPU time
+
+    def __sub__(self, other: "ServerCounters") -> "ServerCounters":
+        return ServerCounters(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
 class AddTriples:
     kg_version: int  # the KG store version the triples come from; increases with every addition
     triples: np.ndarray  # (n, 3) int64, checked by the driver; heads owned by the receiving trainer (n may be 0)
@@ -75,7 +100,7 @@ class Peers:
     trainers: list  # every partition's trainer actor, in partition order
     layouts: tuple  # per partition (node id, SharedLayout or None): where its rows are in shared memory
     relation_layout: tuple  # the relation shard's (node id, SharedLayout or None)
-    servers: dict | None = None  # node id -> that node's NodeServer (rows of shared shards on other nodes)
+    servers: dict | None = None  # node id -> that node's NodeServers, a tuple (rows of shared shards on other nodes)
 
 
 @dataclass(frozen=True, kw_only=True)

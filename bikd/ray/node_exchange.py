@@ -15,11 +15,18 @@ per step. Larger windows cut the calls per step by that factor and make the rows
 (this trainer's updates reach the other node with the window's push, and its own copy with a later window's
 pull; PyTorch-BigGraph's trainers likewise work on a bucket's rows for a whole bucket). bench/kge_exchange_quality.py
 measures what that costs in quality. Plain Python and torch in the trainer's process: the Ray calls
-are the thin part.
+are the thin part. ``seconds`` counts the trainer thread's time in ``open``, ``read``, ``add`` and ``flush``
+(waits for answers included): what the exchange costs a step, which bench/kge_scaling.py fits its model to.
+
+(A worker thread for the exchange was tried: its Ray calls hold the GIL, so the trainer thread, which takes
+the GIL back after every torch op, waited as long as the work took; with 1-thread trainers on 2 cores the
+step time did not change, and the exchange's CPU time grew by a third.)
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -56,6 +63,18 @@ class Ticket:
     relation: torch.Tensor | None = None
 
 
+def _timed(method):
+    """The method, adding its wall time to ``self.seconds``."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+    return timed
+
+
 class NodeExchange:
     """Windows, their pulls and pushes, and the pushes waiting to ride on the next pull (see the module)."""
 
@@ -63,6 +82,7 @@ class NodeExchange:
         self.part, self.owner, self.entity_width = part, owner, entity_width
         self.connect({}, {}, None, None)
         self.num_calls = self.num_rows = 0  # calls made and rows pulled, for the trainer's counters
+        self.seconds = 0.0  # the trainer thread's time in the methods below
 
     def connect(self, servers: dict, served: dict[int, str], relation_node: str | None, relation_width: int | None) -> None:
         """The node servers (node id -> actor), the partitions they serve (partition -> node), the relation
@@ -76,6 +96,7 @@ class NodeExchange:
     def active(self) -> bool:
         return bool(self.served) or self.relation_node is not None
 
+    @_timed
     def open(self, steps: list[tuple[torch.Tensor, torch.Tensor, list]], version: int) -> list[Ticket]:
         """A window for ``steps``: per step (entity ids (U_e,), relation ids (U_r,), groups [(partition,
         positions in the step)]); sends one pull per node the window touches, returns each step's ticket."""
@@ -118,6 +139,7 @@ class NodeExchange:
         self.sent.append(ack)
         return refs
 
+    @_timed
     def read(self, ticket: Ticket, entity_rows: torch.Tensor) -> torch.Tensor | None:
         """Write the step's rows from other nodes into ``entity_rows`` (U_e, d_e); the relation rows (U_r, d_r)
         when they come from a node server, else None. Waits for the window's answers the first time."""
@@ -137,6 +159,7 @@ class NodeExchange:
                 relation = pull.relation[ticket.relation]
         return relation
 
+    @_timed
     def add(self, ticket: Ticket, entity_grad: torch.Tensor, relation_grad: torch.Tensor, *, defer: bool, step: int) -> list:
         """Add a step's gradients (U_e, d_e) and (U_r, d_r) to its window's sums; after the window's last step,
         push them: wait for the next pull (``defer``) or send now. Returns the refs of pushes sent."""
@@ -167,6 +190,7 @@ class NodeExchange:
         self.num_calls += len(refs)
         return refs
 
+    @_timed
     def flush(self) -> None:
         """Send the pushes still waiting for a pull, each alone."""
         self.sent += [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in self.deferred.items()]

@@ -12,6 +12,8 @@ ordered in sync mode, where the driver applies one trainer's updates at a time).
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -23,7 +25,7 @@ from bikd.kge.shard import ShardState
 from bikd.kge.shared import attach
 from bikd.kge.training import KGETrainConfig
 from bikd.ray.kge import ActorRestarted
-from bikd.ray.messages import NodePull, NodePush, NodeShards, array, pieces, tensor, unpiece
+from bikd.ray.messages import NodePull, NodePush, NodeShards, ServerCounters, array, pieces, tensor, unpiece
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
@@ -36,6 +38,8 @@ class NodeServer:
         self.born = uuid.uuid4().hex
         self.entity: dict[int, ShardState] = {}
         self.relation: ShardState | None = None
+        self.lock = threading.Lock()  # the counts: calls run on up to max_concurrency threads
+        self.num_calls = self.num_rows = 0
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -43,6 +47,16 @@ class NodeServer:
     def incarnation(self) -> str:
         """Set when the process starts: a changed value means Ray restarted the actor (its mappings are gone)."""
         return self.born
+
+    def counters(self) -> ServerCounters:
+        """Calls and rows served so far, and this process's CPU time (it does nothing else: Ray's threads that
+        receive and send the calls included)."""
+        return ServerCounters(calls=self.num_calls, rows=self.num_rows, cpu_s=time.process_time())
+
+    def _count(self, calls: int, msg: NodePull | NodePush) -> None:
+        with self.lock:
+            self.num_calls += calls
+            self.num_rows += len(msg.ids) + (0 if msg.relation_ids is None else len(msg.relation_ids))
 
     def connect(self, msg: NodeShards) -> None:
         optim = self.cfg.optimizer
@@ -63,12 +77,15 @@ class NodeServer:
     def pull(self, msg: NodePull) -> tuple | np.ndarray:
         """The rows asked (entity rows, then relation rows) in ``msg.num_pieces`` pieces: the caller asks for
         that many return values, so each goes inline in the reply."""
+        self._count(1, msg)
         out = self._rows(msg)
         return out[0] if len(out) == 1 else tuple(out)
 
     def exchange(self, push: NodePush, pull: NodePull, *grads: np.ndarray) -> tuple:
         """A trainer's last step's push and its next step's pull in one call (the push first): (step, *pieces)."""
-        return (self.push(push, *grads), *self._rows(pull))
+        self._count(1, pull)
+        self._count(0, push)
+        return (self._push(push, *grads), *self._rows(pull))
 
     def _rows(self, msg: NodePull) -> list[np.ndarray]:
         self._check(msg)
@@ -83,6 +100,10 @@ class NodeServer:
 
     def push(self, msg: NodePush, *grads: np.ndarray) -> int:
         """Apply the gradients of ``msg``'s rows, sent as :func:`~bikd.ray.messages.pieces` after it."""
+        self._count(1, msg)
+        return self._push(msg, *grads)
+
+    def _push(self, msg: NodePush, *grads: np.ndarray) -> int:
         self._check(msg)
         num_ids = len(msg.ids)
         shapes = [(num_ids, self._width(self.entity[msg.parts[0]]) if msg.parts else 0)]

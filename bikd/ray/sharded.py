@@ -69,7 +69,7 @@ class ShardedKGE:
             for p, (part_triples, table) in enumerate(self._init_args)
         ]
         self.num_recoveries = 0
-        self.servers: dict = {}  # node id -> NodeServer, once the shards span several nodes
+        self.servers: dict[str, tuple] = {}  # node id -> its NodeServers, once the shards span several nodes
         self._connect()
         self.interaction = init.interaction
         self.snapshot_version = 0
@@ -121,23 +121,24 @@ class ShardedKGE:
         self._incarnations = ray.get([a.incarnation.remote() for a in self._watched()])
 
     def _connect_servers(self, layouts: list[tuple]) -> None:
-        """With shards on more than one node, a NodeServer per node maps that node's shared shards (started
-        once; after a recovery it maps the new files)."""
+        """With shards on more than one node, ``servers_per_node`` NodeServers per node map that node's shared
+        shards (started once; after a recovery they map the new files)."""
         nodes = {node for node, _ in layouts}
         if self.dist.cross_node_rows != "server" or len(nodes) < 2:
             return
         for node in sorted(nodes - set(self.servers)):
-            self.servers[node] = NodeServer.options(
+            self.servers[node] = tuple(NodeServer.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(self.cfg, self.num_relations)
+                for _ in range(self.dist.servers_per_node))
         (rel_node, rel_layout), parts = layouts[0], layouts[1:]
         ray.get([server.connect.remote(NodeShards(
             version=self.num_recoveries,
             entity=tuple((p, array(self.entity_ids[p]), lay) for p, (n, lay) in enumerate(parts) if n == node and lay is not None),
-            relation=rel_layout if rel_node == node else None)) for node, server in self.servers.items()])
+            relation=rel_layout if rel_node == node else None)) for node, group in self.servers.items() for server in group])
 
     def _watched(self) -> list:
         """The actors whose restart loses rows or mappings: shards, trainers and node servers."""
-        return [*self._actors(), *self.servers.values()]
+        return [*self._actors(), *(server for group in self.servers.values() for server in group)]
 
     def _check_restarts(self) -> None:
         """Raise if an actor died and was restarted since the connection: same-node peers write its rows in
@@ -178,7 +179,7 @@ class ShardedKGE:
         self.epoch += 1
         seconds = time.perf_counter() - start
         after = ray.get([t.counters.remote() for t in self.trainers])
-        steps, calls = (sum(a[i] - b[i] for a, b in zip(after, before)) for i in (0, 1))
+        steps, calls = (sum(getattr(a - b, k) for a, b in zip(after, before)) for k in ("steps", "calls"))
         return {"loss": sum(losses) / max(len(losses), 1), "seconds": seconds, "triples_per_s": self.num_triples / seconds,
                 "calls_per_step": calls / max(steps, 1)}  # actor calls per trainer step (approximate after a recovery)
 

@@ -36,6 +36,7 @@ def test_defaults_run_the_embedded_slice_both_ways_asynchronously():
     ("probe_limit=0", "probe_limit must be >= 1"),
     ("kge_dist.exchange_every=4", "exchange_every=4 needs dist.mode='async'"),
     ("kge_dist.mode=async kge_dist.exchange_every=0", "exchange_every must be >= 1"),
+    ("kge_dist.servers_per_node=0", "servers_per_node must be >= 1"),
 ])
 def test_bad_loop_settings_fail_when_the_config_is_built(override, message):
     with pytest.raises(ValueError, match=message):

@@ -74,7 +74,7 @@ def kill_mid_epoch(sharded: ShardedKGE, victim, min_steps: int) -> threading.Thr
     import ray
 
     def run():
-        while ray.get(sharded.trainers[0].counters.remote())[0] < min_steps:
+        while ray.get(sharded.trainers[0].counters.remote()).steps < min_steps:
             time.sleep(0.01)
         ray.kill(victim, no_restart=False)
 
@@ -109,7 +109,7 @@ def train(kg, dist, epochs, kill_epoch=None, kill="trainer", batch_size=50):
 def steps_taken(sharded: ShardedKGE) -> int:
     import ray
 
-    return ray.get(sharded.trainers[0].counters.remote())[0]
+    return ray.get(sharded.trainers[0].counters.remote()).steps
 
 
 @pytest.mark.parametrize("kill", ["trainer", "relation_shard"])
