@@ -19,15 +19,17 @@ bench/kge_throughput.py):
   ``overhead_ms_per_step_2node`` and ``..._trainer``. Both trainers train, so each node's one core also serves
   the other's rows: contention, not the network;
 - the same with only partition 0's trainer training (``..._idle_peer``), with global and with local negatives
-  (many and few rows a call): the other node's core is free to serve, as on a cluster node with a core for its
-  server; the two give the per-call and per-row cost the model uses. (4 simulated nodes on 2 cores would time
-  contention, not the network.)
+  (many and few rows a call), exchanging every 1, 4 and 8 steps: the other node's core is free to serve, as on
+  a cluster node with a core for its server. Each run also reports the trainer thread's time in the exchange
+  and the serving process's CPU per call; one fit of all six gives the per-step, per-call and per-row costs
+  the model uses, and each run is checked against it. (4 simulated nodes on 2 cores would time contention,
+  not the network.)
 
-Then the model: for FB15k-237, Wikidata5M and Freebase, memory per partition and the exchange per step at
-4 and 16 partitions (one per node, or 16 on 4 nodes) against a step's compute (docs/SCALING.md says how each
-number is made).
+Then the model: for FB15k-237, Wikidata5M and Freebase, memory per partition, the exchange per step at
+4 and 16 partitions (one per node, or 16 on 4 nodes) against a step's compute, and the cores the node servers
+keep busy (docs/SCALING.md says how each number is made).
 
-    python bench/kge_scaling.py [--data-dir ../shared/data/fb15k-237] [--reps 3]   # ~10 min on 2 cores
+    python bench/kge_scaling.py [--data-dir ../shared/data/fb15k-237] [--reps 5]   # ~11 min on 2 cores
     python bench/kge_scaling.py --table bench/results/kge_scaling.json                # the docs' tables
 """
 
@@ -297,7 +299,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--negatives", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every timed setting (median)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of every timed setting (median)")
     p.add_argument("--steps", type=int, default=60, help="LocalTrainer: steps per timed run")
     p.add_argument("--ray-epochs", type=int, default=1, help="timed epochs per Ray run (after a warm-up epoch)")
     p.add_argument("--count-steps", type=int, default=32, help="steps per partition replayed for the counts")
