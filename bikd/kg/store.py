@@ -149,6 +149,12 @@ class KGVersion:
         return cls(0, tuple(kg.entities.labels), tuple(kg.relations.labels),
                    {s: tuple(kg.label_triples(s)) for s in ("train", "valid", "test")}, ())
 
+    def gold_array(self, split: str) -> np.ndarray:
+        """Gold split ``split`` as an int64 (n, 3) array of positions in ``entities``/``relations`` (n may be 0)."""
+        e2i = {e: i for i, e in enumerate(self.entities)}
+        r2i = {r: i for i, r in enumerate(self.relations)}
+        return np.asarray([(e2i[h], r2i[r], e2i[t]) for h, r, t in self.gold.get(split, ())], np.int64).reshape(-1, 3)
+
     def mined_arrays(
         self, entity_to_id: Mapping[str, int] | None = None, relation_to_id: Mapping[str, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

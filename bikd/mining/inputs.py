@@ -27,10 +27,7 @@ __all__ = ["LinkedText", "link_text", "version_linker", "split_tensor", "Calibra
 
 def split_tensor(version: KGVersion, split: str) -> Tensor:
     """``(n, 3)`` long ids (positions in the version's label tuples) of gold split ``split``."""
-    e2i = {e: i for i, e in enumerate(version.entities)}
-    r2i = {r: i for i, r in enumerate(version.relations)}
-    rows = [(e2i[h], r2i[r], e2i[t]) for h, r, t in version.gold.get(split, ())]
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+    return torch.from_numpy(version.gold_array(split))
 
 
 def version_linker(version: KGVersion, text: KGText) -> EntityLinker:

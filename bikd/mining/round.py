@@ -93,17 +93,11 @@ def check_relations(labels: Sequence[str], version: KGVersion) -> None:
 
 def known_triples(version: KGVersion) -> np.ndarray:
     """(n, 3) int64 ids of what the miner knows: the train split plus every mined triple. Never valid/test."""
-    e2i = {e: i for i, e in enumerate(version.entities)}
-    r2i = {r: i for i, r in enumerate(version.relations)}
-    train = [(e2i[h], r2i[r], e2i[t]) for h, r, t in version.gold.get("train", ())]
-    mined, _ = version.mined_arrays(e2i, r2i)
-    return np.concatenate([np.asarray(train, np.int64).reshape(-1, 3), mined])
+    return np.concatenate([version.gold_array("train"), version.mined_arrays()[0]])
 
 
 def split_ids(version: KGVersion, split: str) -> set[tuple[int, int, int]]:
-    e2i = {e: i for i, e in enumerate(version.entities)}
-    r2i = {r: i for i, r in enumerate(version.relations)}
-    return {(e2i[h], r2i[r], e2i[t]) for h, r, t in version.gold.get(split, ())}
+    return set(map(tuple, version.gold_array(split).tolist()))
 
 
 def decide(candidates: Sequence[PairCandidate], probs: np.ndarray, num_relations: int) -> tuple[np.ndarray, np.ndarray]:

@@ -126,7 +126,7 @@ class NodeExchange:
             window.pulls[node] = _Pull(msg=msg, refs=self._pull(node, msg))
             self.num_rows += len(union) + (0 if relation_ids is None else len(relation_ids))
         self.num_calls += len(window.pulls)
-        self.flush()  # pushes to nodes this window does not touch go alone
+        self._flush()  # pushes to nodes this window does not touch go alone
         return tickets
 
     def _pull(self, node: str, msg: NodePull) -> list:
@@ -183,7 +183,7 @@ class NodeExchange:
                   for node, p in window.pulls.items()}
         window.pulls = {}
         if defer:
-            self.flush()  # pushes of an earlier window no pull took (the epoch's last windows open none)
+            self._flush()  # pushes of an earlier window no pull took (the epoch's last windows open none)
             self.deferred = pushes
             return []
         refs = [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in pushes.items()]
@@ -193,6 +193,9 @@ class NodeExchange:
     @_timed
     def flush(self) -> None:
         """Send the pushes still waiting for a pull, each alone."""
+        self._flush()
+
+    def _flush(self) -> None:  # (untimed: open and add call it inside their own time)
         self.sent += [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in self.deferred.items()]
         self.num_calls += len(self.deferred)
         self.deferred = {}
