@@ -422,7 +422,9 @@ class Driver:
         task = self.cfg.lm.task
         if task.name != "triple_cls" or rnd < 1:
             return {}
-        task = dataclasses.replace(task, eval_split="test", link=task.link and self.cfg.loop.directions != "none")
+        # max_train=1: build_task_data also makes train rows, unused here (the test rows' sampling does not
+        # depend on them)
+        task = dataclasses.replace(task, eval_split="test", max_train=1, link=task.link and self.cfg.loop.directions != "none")
         model, tokenizer = load_fused_and_tokenizer(Storage(self.storage.url_of(f"lm/exports/round-{rnd:04d}"),
                                                             self.cfg.storage_options))
         linker = build_linker(self.kg, self.text) if task.link else None

@@ -182,3 +182,14 @@ def test_build_lm_honours_the_tiny_encoder_fields(table):
     lm, _ = build_lm(cfg, table)
     assert encoder_num_layers(encoder) == 3 and len(lm.fused.encoder.encoder.layer) == 3
     assert lm.fused.encoder.config.hidden_size == 48
+
+
+def test_test_rows_do_not_depend_on_the_train_rows(umls):
+    # the driver's final LM test builds one train row (not the whole split) next to the test rows it reads
+    tok = load_tokenizer()
+    cfg = TaskConfig(name="triple_cls", eval_split="test", max_eval=10)
+    _, full = build_task_data(cfg, tok, umls, None)
+    _, lean = build_task_data(dataclasses.replace(cfg, max_train=1), tok, umls, None)
+    assert len(full.features) > 0 and full.features.tensors.keys() == lean.features.tensors.keys()
+    assert all(torch.equal(v, lean.features.tensors[k]) for k, v in full.features.tensors.items())
+    assert torch.equal(full.features.mention_spans, lean.features.mention_spans)
