@@ -68,6 +68,7 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
     owner = partitioning.entity_part
     node_of = owner // parts_per_node
     local = remote = rel = parts = calls = nbytes = nodes = server_calls = server_rows = 0.0
+    lag = 2 if exchange_every == 1 else 3  # windows between a window and the pull its push rides on
     count = 0
     for p in range(partitioning.num_parts):
         mine = partitioning.triples[partitioning.triples_of(p)]
@@ -104,7 +105,6 @@ def count_step_traffic(partitioning: Partitioning, num_entities: int, cfg: KGETr
         for w in range(0, len(served), exchange_every):
             window = served[w:w + exchange_every]
             other_nodes = set().union(*(n for n, _, _ in window))
-            lag = 2 if exchange_every == 1 else 3
             waiting = touched[-lag] if len(touched) >= lag else set()  # pushes of an earlier window
             server_calls += len(other_nodes) + len(waiting - other_nodes)
             touched.append(other_nodes)

@@ -59,29 +59,30 @@ class Snapshot:
     relation: torch.Tensor  # (num_relations, d_r)
 
 
+class _Totals:
+    """Running totals: subtract two for what happened in between."""
+
+    def __sub__(self, other):
+        return type(self)(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+
 @dataclass(frozen=True, kw_only=True)
-class Counters:
-    """A trainer's running totals (``KGETrainer.counters``); subtract two for what happened in between."""
+class Counters(_Totals):
+    """A trainer's running totals (``KGETrainer.counters``)."""
 
     steps: int
     calls: int  # actor calls made for rows of other trainers, shards or nodes
     rows_pulled: int  # rows those calls pulled
     exchange_s: float = 0.0  # the trainer thread's time in the node exchange's methods (waits included)
 
-    def __sub__(self, other: "Counters") -> "Counters":
-        return Counters(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
-
 
 @dataclass(frozen=True, kw_only=True)
-class ServerCounters:
+class ServerCounters(_Totals):
     """A node server's running totals (``NodeServer.counters``): what serving the other nodes costs it."""
 
     calls: int  # pulls, pushes and exchanges (a push riding on a pull counts once)
     rows: int  # rows read and rows updated
     cpu_s: float  # its process's CPU time
-
-    def __sub__(self, other: "ServerCounters") -> "ServerCounters":
-        return ServerCounters(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
 
 
 @dataclass(frozen=True, kw_only=True)

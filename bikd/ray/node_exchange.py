@@ -186,9 +186,7 @@ class NodeExchange:
             self._flush()  # pushes of an earlier window no pull took (the epoch's last windows open none)
             self.deferred = pushes
             return []
-        refs = [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in pushes.items()]
-        self.num_calls += len(refs)
-        return refs
+        return self._send(pushes)
 
     @_timed
     def flush(self) -> None:
@@ -196,9 +194,13 @@ class NodeExchange:
         self._flush()
 
     def _flush(self) -> None:  # (untimed: open and add call it inside their own time)
-        self.sent += [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in self.deferred.items()]
-        self.num_calls += len(self.deferred)
+        self.sent += self._send(self.deferred)
         self.deferred = {}
+
+    def _send(self, pushes: dict[str, tuple[NodePush, list]]) -> list:
+        """Each push in a call of its own; their refs."""
+        self.num_calls += len(pushes)
+        return [self.servers[node].push.remote(msg, *grads) for node, (msg, grads) in pushes.items()]
 
     def take_sent(self) -> list:
         sent, self.sent = self.sent, []
